@@ -1,0 +1,115 @@
+"""Parameter blocks: the unit every ZO method and the tuner works on.
+
+One block is one distinct trainable tensor of ``model.named_parameters()``. A weight tied between
+two modules (e.g. ``embed_tokens.weight`` / ``lm_head.weight``) is one block, named by its first
+name, and is perturbed once per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Names whose weight decay is skipped (biases and norm weights), as in MeZO.
+_NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """True for biases and normalisation weights (1-D tensors or names that say so)."""
+    lowered = name.lower()
+    return param.ndim < 2 or any(key in lowered for key in _NO_DECAY_KEYS)
+
+
+@dataclass
+class ParamBlocks:
+    """The ordered, de-duplicated trainable tensors of a model.
+
+    Attributes:
+        names: first parameter name of each block, in ``named_parameters()`` order.
+        params: the tensors themselves (shared with the model, never copied).
+        aliases: every name that refers to each block (more than one for tied weights).
+    """
+
+    names: list[str]
+    params: list[torch.Tensor]
+    aliases: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        include: Callable[[str, torch.Tensor], bool] | None = None,
+    ) -> ParamBlocks:
+        """Collect ``model``'s trainable parameters (``requires_grad``), tied ones once.
+
+        ``include(name, param)`` optionally restricts the set (e.g. only LoRA adapters).
+        """
+        seen: dict[int, int] = {}
+        names: list[str] = []
+        params: list[torch.Tensor] = []
+        aliases: list[list[str]] = []
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if not param.requires_grad or (include is not None and not include(name, param)):
+                continue
+            key = id(param)
+            if key in seen:
+                aliases[seen[key]].append(name)
+                continue
+            seen[key] = len(params)
+            names.append(name)
+            params.append(param)
+            aliases.append([name])
+        if not params:
+            raise ValueError(
+                "the model has no trainable parameters to optimise: every parameter has "
+                "requires_grad=False or was excluded by `include`"
+            )
+        return cls(names, params, aliases)
+
+    @classmethod
+    def from_params(cls, params: Iterable[torch.Tensor], prefix: str = "param") -> ParamBlocks:
+        """Blocks from a bare list of tensors (what ``torch.optim.Optimizer`` receives)."""
+        unique: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        names = [f"{prefix}.{i}" for i in range(len(unique))]
+        return cls(names, unique, [[n] for n in names])
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.params]
+
+    @property
+    def numels(self) -> torch.Tensor:
+        """(B,) float64 element count of each block."""
+        return torch.tensor([p.numel() for p in self.params], dtype=torch.float64)
+
+    def fingerprint(self) -> str:
+        """sha256 over ``name:shape`` lines: two models with equal fingerprints can share a tuner."""
+        return block_fingerprint(self.names, self.shapes)
+
+    @torch.no_grad()
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) float32 mean and variance of every block (computed in float32)."""
+        means, variances = [], []
+        for p in self.params:
+            flat = p.detach().reshape(-1).float()
+            var, mean = torch.var_mean(flat, correction=0)
+            means.append(mean)
+            variances.append(var)
+        return torch.stack(means).cpu(), torch.stack(variances).cpu()
+
+
+def block_fingerprint(names: list[str], shapes: list[tuple[int, ...]]) -> str:
+    text = "\n".join(f"{n}:{'x'.join(map(str, s))}" for n, s in zip(names, shapes, strict=True))
+    return hashlib.sha256(text.encode()).hexdigest()

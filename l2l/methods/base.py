@@ -1,0 +1,315 @@
+"""The shared step of every ZO method: seed -> (scaled) perturbation -> losses -> update.
+
+A method subclasses :class:`ZOOptimizer` and supplies
+
+* ``_direction(ctx, block, chunk)``: the float32 chunk of the unscaled direction ``z`` it perturbs
+  along (Gaussian for MeZO, ``Sigma^{1/2} z`` for HiZOO, ``U V^T`` for LOZO);
+* ``_apply(record)``: the parameter update from a :class:`StepRecord`, a pure function of the
+  record and the optimizer state, so that :func:`l2l.trajectory.replay` can re-run it.
+
+The optional ``block_scale`` provider (the learned tuner attaches here) returns one positive
+``sigma_b`` per block; the perturbation of block ``b`` becomes ``nf * sigma_b * z_b`` with
+``nf = sqrt(sum_b n_b) / sqrt(sum_b n_b sigma_b^2)`` so that ``E||u||^2 = d`` (ZO Fine-tuner).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from l2l.blocks import ParamBlocks, is_no_decay
+from l2l.perturb import Perturber, chunk_view, row_chunks
+
+BlockScale = Callable[[torch.Tensor], torch.Tensor]
+LossReduce = Callable[[torch.Tensor], torch.Tensor]
+
+NONFINITE_POLICIES = ("raise", "warn", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A closure returned NaN/inf; the parameters were left exactly as they were."""
+
+
+@dataclass
+class StepRecord:
+    """Everything needed to re-apply one step's update (the trajectory entry).
+
+    ``grad`` is the projected gradient ``(L+ - L-) / (2 eps)``; ``scales`` the effective
+    per-block multipliers ``nf * sigma_b`` (``None`` without a provider); ``extra`` holds method
+    specific scalars (HiZOO's curvature term).
+    """
+
+    step: int
+    seed: int
+    grad: float
+    lr: float
+    weight_decay: float
+    scales: list[float] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepContext:
+    step: int
+    seed: int
+    scales: torch.Tensor | None  # (B,) float64, nf * sigma_b
+
+
+def normalisation(sigma: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2): keeps E||nf sigma z||^2 = d."""
+    sigma = sigma.to(numels.dtype)
+    return numels.sum().sqrt() / (numels * sigma.square()).sum().sqrt()
+
+
+def _to_float(loss: Any) -> float:
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().float().mean())
+    return float(loss)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class of the ZO methods; see the module docstring.
+
+    Args:
+        params: an ``nn.Module`` (perturbed on the fly, module by module; recommended for LLMs) or
+            an iterable of tensors (perturbed by swapping ``.data`` for a perturbed copy).
+        lr: learning rate ``eta``.
+        eps: perturbation scale ``epsilon``.
+        weight_decay: ``lambda`` of ``theta <- theta - eta (g u + lambda theta)``; skipped for
+            biases and normalisation weights.
+        seed: seeds the stream of per-step seeds.
+        block_scale: optional provider ``features (B, 5) -> sigma (B,)``; features are
+            ``[mean, var, L+ prev, L- prev, sigma prev]`` per block.
+        normalize: apply ``nf`` to the provider's sigmas (ZO Fine-tuner default: on).
+        nonfinite: ``"raise"`` (:class:`NonFiniteLossError`), ``"warn"`` or ``"skip"`` when a loss
+            is NaN/inf; the parameters are untouched in every case and ``nonfinite_steps`` counts.
+        record: keep a :class:`StepRecord` per step in ``self.records`` (see ``l2l.trajectory``).
+        loss_reduce: optional function applied to the stacked losses before use (data parallel:
+            an all-reduce mean across ranks).
+    """
+
+    forwards_per_step = 2
+
+    def __init__(
+        self,
+        params: nn.Module | Any,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        seed: int = 0,
+        block_scale: BlockScale | None = None,
+        normalize: bool = True,
+        nonfinite: str = "raise",
+        record: bool = False,
+        loss_reduce: LossReduce | None = None,
+        **defaults: Any,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if isinstance(params, nn.Module):
+            self.blocks = ParamBlocks.from_module(params)
+            model = params
+        else:
+            params = list(params)
+            if params and isinstance(params[0], dict):
+                if len(params) != 1:
+                    raise ValueError("ZO optimizers take a single parameter group")
+                params = list(params[0]["params"])
+            self.blocks = ParamBlocks.from_params(params)
+            model = None
+        super().__init__(
+            self.blocks.params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **defaults)
+        )
+        self.perturber = Perturber(self.blocks, model)
+        self.block_scale = block_scale
+        self.normalize = normalize
+        self.nonfinite = nonfinite
+        self.loss_reduce = loss_reduce
+        self.seed = seed
+        self.records: list[StepRecord] | None = [] if record else None
+        self.nonfinite_steps = 0
+        self.step_count = 0
+        self._rng = random.Random(seed)
+        self._numels = self.blocks.numels
+        self._no_decay = [is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)]
+        self._prev_losses = (0.0, 0.0)
+        self._prev_sigma = torch.ones(len(self.blocks))
+
+    # ---- hyperparameters and (de)serialisation -------------------------------------------
+    @property
+    def group(self) -> dict[str, Any]:
+        return self.param_groups[0]
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments that determine the update (recorded in trajectories)."""
+        keep = {k: v for k, v in self.group.items() if k != "params"}
+        return dict(keep, seed=self.seed, normalize=self.normalize)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["zo"] = dict(
+            step_count=self.step_count,
+            rng=self._rng.getstate(),
+            prev_losses=self._prev_losses,
+            prev_sigma=self._prev_sigma.clone(),
+            nonfinite_steps=self.nonfinite_steps,
+        )
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        super().load_state_dict(state_dict)
+        if zo is not None:
+            self.step_count = zo["step_count"]
+            rng = zo["rng"]
+            self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+            self._prev_losses = tuple(zo["prev_losses"])
+            self._prev_sigma = zo["prev_sigma"].clone()
+            self.nonfinite_steps = zo["nonfinite_steps"]
+
+    # ---- the step ---------------------------------------------------------------------------
+    def features(self) -> torch.Tensor:
+        """(B, 5) float32 tuner features: mean, var, L+ prev, L- prev, sigma prev."""
+        mean, var = self.blocks.statistics()
+        n = len(self.blocks)
+        lp = torch.full((n,), self._prev_losses[0])
+        lm = torch.full((n,), self._prev_losses[1])
+        return torch.stack([mean, var, lp, lm, self._prev_sigma.float()], dim=1)
+
+    def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(raw sigma, effective nf * sigma) from the provider, or (None, None) without one."""
+        if self.block_scale is None:
+            return None, None
+        with torch.no_grad():
+            sigma = self.block_scale(self.features()).detach().double().cpu().reshape(-1)
+        if sigma.numel() != len(self.blocks) or not bool((sigma > 0).all()):
+            raise ValueError(
+                f"block_scale must return {len(self.blocks)} positive scales, got shape "
+                f"{tuple(sigma.shape)} with min {float(sigma.min()) if sigma.numel() else 'n/a'}"
+            )
+        if not self.normalize:
+            return sigma, sigma
+        return sigma, sigma * normalisation(sigma, self._numels)
+
+    def _scaled(self, ctx: StepContext, block: int, u: torch.Tensor) -> torch.Tensor:
+        if ctx.scales is None:
+            return u
+        return u.mul_(float(ctx.scales[block]))
+
+    def direction_fn(self, ctx: StepContext):
+        return lambda b, c: self._scaled(ctx, b, self._direction(ctx, b, c))
+
+    def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[float]:
+        """[L+, L-] (HiZOO prepends L0)."""
+        eps = self.group["eps"]
+        direction = self.direction_fn(ctx)
+        out = []
+        for sign in (1.0, -1.0):
+            with self.perturber(sign * eps, direction):
+                out.append(_to_float(closure()))
+        return out
+
+    def _prepare(self, step: int, seed: int) -> None:
+        """Per-step state preparation (LOZO redraws V here). Must be idempotent."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One ZO step. ``closure`` runs a forward pass only and returns the minibatch loss."""
+        if closure is None:
+            raise ValueError("ZO optimizers need a closure that returns the minibatch loss")
+        seed = self._rng.getrandbits(63)
+        sigma, scales = self.block_scales()
+        ctx = StepContext(self.step_count, seed, scales)
+        self._prepare(ctx.step, seed)
+        losses = torch.tensor(self._losses(ctx, closure), dtype=torch.float64)
+        if self.loss_reduce is not None:
+            losses = self.loss_reduce(losses)
+        step = self.step_count
+        self.step_count += 1
+        if not bool(torch.isfinite(losses).all()):
+            self._on_nonfinite(step, losses)
+            return torch.tensor(float("nan"))
+        record = self._make_record(ctx, [float(v) for v in losses])
+        self._apply(record)
+        self._prev_losses = (float(losses[-2]), float(losses[-1]))
+        if sigma is not None:
+            self._prev_sigma = sigma.float()
+        if self.records is not None:
+            self.records.append(record)
+        return self._report_loss(losses)
+
+    def _report_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        return (losses[-2] + losses[-1]).float() / 2
+
+    def _make_record(self, ctx: StepContext, losses: list[float]) -> StepRecord:
+        lp, lm = losses[-2], losses[-1]
+        return StepRecord(
+            step=ctx.step,
+            seed=ctx.seed,
+            grad=(lp - lm) / (2 * self.group["eps"]),
+            lr=self.group["lr"],
+            weight_decay=self.group["weight_decay"],
+            scales=None if ctx.scales is None else [float(s) for s in ctx.scales],
+        )
+
+    def _on_nonfinite(self, step: int, losses: torch.Tensor) -> None:
+        self.nonfinite_steps += 1
+        msg = (
+            f"non-finite loss at step {step} (losses {losses.tolist()}); the update was skipped "
+            "and the parameters are unchanged. Lower lr/eps, use float32 or bfloat16, or check "
+            "the data."
+        )
+        if self.nonfinite == "raise":
+            raise NonFiniteLossError(msg)
+        if self.nonfinite == "warn":
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _apply(self, record: StepRecord) -> None:
+        raise NotImplementedError
+
+    # ---- shared update helper ---------------------------------------------------------------
+    def _sgd_update(self, record: StepRecord, direction) -> None:
+        """theta_b <- theta_b - lr (g s_b u_b + lambda theta_b) with s_b the block scale."""
+        scales = record.scales or [1.0] * len(self.blocks)
+        self._update(record, direction, [record.lr * record.grad * s for s in scales])
+
+    def _update(self, record: StepRecord, direction, coeffs: list[float]) -> None:
+        """theta_b <- (1 - lr lambda) theta_b - coeffs[b] d_b, chunk by chunk, in float32.
+
+        Blocks whose coefficient and decay are both zero are not touched at all, so lr = 0 leaves
+        every parameter bit-for-bit unchanged.
+        """
+        for b, p in enumerate(self.blocks.params):
+            decay = 0.0 if self._no_decay[b] else record.lr * record.weight_decay
+            coeff = coeffs[b]
+            if coeff == 0.0 and decay == 0.0:
+                continue
+            for c, (r0, r1) in enumerate(row_chunks(p.shape)):
+                view = chunk_view(p.data, r0, r1)
+                new = view.float()  # the view itself for float32 parameters
+                if decay:
+                    new.mul_(1.0 - decay)
+                if coeff:
+                    new.add_(direction(b, c), alpha=-coeff)
+                if new.data_ptr() != view.data_ptr():
+                    view.copy_(new)

@@ -1,0 +1,27 @@
+"""ZO-SGD / MeZO (Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", 2023).
+
+Two-point SPSA with a per-step seed:
+    g = [L(theta + eps u) - L(theta - eps u)] / (2 eps),   u = z ~ N(0, I)  (times nf sigma_b)
+    theta <- theta - eta (g u + lambda theta)              (no decay on biases / norm weights)
+z is regenerated from the step seed for each forward and for the update, never stored.
+"""
+
+from __future__ import annotations
+
+from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
+from l2l.perturb import chunk_shape, gaussian_chunk, row_chunks
+
+
+class ZOSGD(ZOOptimizer):
+    """MeZO. See :class:`l2l.methods.base.ZOOptimizer` for the arguments."""
+
+    def _z(self, seed: int, block: int, chunk: int):
+        p = self.blocks.params[block]
+        r0, r1 = row_chunks(p.shape)[chunk]
+        return gaussian_chunk(seed, block, chunk, chunk_shape(p, r0, r1), p.device)
+
+    def _direction(self, ctx: StepContext, block: int, chunk: int):
+        return self._z(ctx.seed, block, chunk)
+
+    def _apply(self, record: StepRecord) -> None:
+        self._sgd_update(record, lambda b, c: self._z(record.seed, b, c))

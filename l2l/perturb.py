@@ -1,0 +1,257 @@
+"""Seeded perturbations, regenerated on demand and applied on the fly.
+
+The random direction of block ``b`` at step seed ``s`` is defined chunk by chunk: the block is cut
+along its first dimension into row chunks of at most ``CHUNK_ELEMENTS`` elements, and chunk ``c``
+is ``randn`` drawn from a generator seeded with ``chunk_seed(s, b, c)``. Nothing is stored: the
+forward passes and the update regenerate exactly the same numbers from ``(s, b, c)``.
+
+The perturbed forward never writes to the parameters. With a module, every module that owns a
+block runs its forward with a perturbed *copy* of its own parameters (only one module's copy is
+alive at a time; large ``nn.Linear``/``nn.Embedding`` weights are perturbed one row chunk at a
+time). With bare tensors, each ``param.data`` is swapped for a perturbed copy for the duration of
+the forward. Either way the original storage is untouched, so the parameters are bit-for-bit
+restored in every dtype -- unlike the reference ``+eps, -2eps, +eps`` in-place trick, which drifts
+in half precision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2l.blocks import ParamBlocks
+
+#: Largest number of elements of one direction chunk (16 MiB in float32).
+CHUNK_ELEMENTS = 1 << 22
+
+_MASK64 = (1 << 64) - 1
+
+# direction(block, chunk) -> float32 tensor of the chunk's shape (already scaled).
+Direction = Callable[[int, int], torch.Tensor]
+
+
+def mix_seed(*values: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 finaliser over the sequence)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+def chunk_seed(step_seed: int, block: int, chunk: int) -> int:
+    return mix_seed(step_seed, block, chunk)
+
+
+def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges ``[(r0, r1), ...]`` cutting a tensor of ``shape`` along dim 0."""
+    if len(shape) == 0:
+        return [(0, 1)]
+    rows = shape[0]
+    per_row = max(1, int(torch.Size(shape[1:]).numel()))
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def chunk_view(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return t if t.ndim == 0 else t[r0:r1]
+
+
+class _Generators:
+    """One reusable ``torch.Generator`` per device."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def get(self, device: torch.device, seed: int) -> torch.Generator:
+        gen = self._by_device.get(device)
+        if gen is None:
+            gen = self._by_device[device] = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return gen
+
+
+_GENERATORS = _Generators()
+
+
+def gaussian_chunk(
+    step_seed: int, block: int, chunk: int, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """z for one chunk: float32 standard normal of ``shape`` from the chunk's own seed."""
+    gen = _GENERATORS.get(device, chunk_seed(step_seed, block, chunk))
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+def chunk_shape(param: torch.Tensor, r0: int, r1: int) -> tuple[int, ...]:
+    return tuple(param.shape) if param.ndim == 0 else (r1 - r0, *param.shape[1:])
+
+
+def gaussian_block(step_seed: int, block: int, param: torch.Tensor) -> torch.Tensor:
+    """The whole z of one block (concatenated chunks). Used by the plain reference code."""
+    parts = [
+        gaussian_chunk(step_seed, block, c, chunk_shape(param, r0, r1), param.device)
+        for c, (r0, r1) in enumerate(row_chunks(param.shape))
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def perturbed_chunk(value: torch.Tensor, u: torch.Tensor, coeff: float) -> torch.Tensor:
+    """``value + coeff * u`` computed in float32 and returned in ``value``'s dtype (a new tensor)."""
+    if value.dtype == torch.float32:
+        return torch.add(value, u, alpha=coeff)
+    return u.mul(coeff).add_(value.float()).to(value.dtype)
+
+
+def perturbed_block(param: torch.Tensor, block: int, direction: Direction, coeff: float) -> torch.Tensor:
+    chunks = row_chunks(param.shape)
+    if len(chunks) == 1:
+        return perturbed_chunk(param.detach(), direction(block, 0), coeff)
+    out = torch.empty_like(param)
+    for c, (r0, r1) in enumerate(chunks):
+        out[r0:r1] = perturbed_chunk(param.detach()[r0:r1], direction(block, c), coeff)
+    return out
+
+
+class Perturber:
+    """Runs forwards at ``theta + coeff * u`` without modifying ``theta``.
+
+    Args:
+        blocks: the parameter blocks being optimised.
+        model: the module that owns them (memory ~ one forward + one chunk), or ``None`` to swap
+            ``param.data`` for perturbed copies (memory ~ one extra copy of the parameters; fine for
+            small models and tests).
+    """
+
+    def __init__(self, blocks: ParamBlocks, model: nn.Module | None = None) -> None:
+        self.blocks = blocks
+        self.model = model
+        self._owners: list[tuple[nn.Module, list[tuple[str, int]]]] = []
+        self._warned_unused = False
+        if model is not None:
+            index = {id(p): b for b, p in enumerate(blocks.params)}
+            for module in model.modules():
+                entries = [
+                    (name, index[id(p)])
+                    for name, p in module._parameters.items()
+                    if p is not None and id(p) in index
+                ]
+                if entries:
+                    self._owners.append((module, entries))
+
+    @contextmanager
+    def __call__(self, coeff: float, direction: Direction) -> Iterator[None]:
+        if self.model is None:
+            with self._swap_data(coeff, direction):
+                yield
+            return
+        used: set[int] = set()
+        patched = []
+        try:
+            for module, entries in self._owners:
+                previous = module.__dict__.get("forward")
+                module.forward = self._wrap(module, entries, coeff, direction, used)
+                patched.append((module, previous))
+            yield
+        finally:
+            for module, previous in patched:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+        self._check_used(used)
+
+    @contextmanager
+    def _swap_data(self, coeff: float, direction: Direction) -> Iterator[None]:
+        originals = []
+        try:
+            for b, p in enumerate(self.blocks.params):
+                originals.append(p.data)
+                p.data = perturbed_block(p, b, direction, coeff)
+            yield
+        finally:
+            for p, data in zip(self.blocks.params, originals, strict=False):
+                p.data = data
+
+    def _wrap(self, module, entries, coeff, direction, used):
+        forward = type(module).forward.__get__(module)
+        if module.__dict__.get("forward") is not None:
+            forward = module.__dict__["forward"]
+        names = {name for name, _ in entries}
+        big = module.weight.numel() > CHUNK_ELEMENTS if "weight" in names else False
+        if big and type(module) is nn.Linear:
+            return _ChunkedLinear(module, dict(entries), coeff, direction, used)
+        if big and type(module) is nn.Embedding and names == {"weight"}:
+            return _ChunkedEmbedding(module, entries[0][1], coeff, direction, used, forward)
+
+        def run(*args, **kwargs):
+            saved = {}
+            try:
+                for name, b in entries:
+                    saved[name] = module._parameters[name]
+                    value = perturbed_block(saved[name], b, direction, coeff)
+                    module._parameters[name] = nn.Parameter(value, requires_grad=False)
+                    used.add(b)
+                return forward(*args, **kwargs)
+            finally:
+                module._parameters.update(saved)
+
+        return run
+
+    def _check_used(self, used: set[int]) -> None:
+        missing = [self.blocks.names[b] for b in range(len(self.blocks)) if b not in used]
+        if missing and not self._warned_unused:
+            self._warned_unused = True
+            warnings.warn(
+                f"{len(missing)} parameter block(s) were not perturbed because the forward of the "
+                f"module owning them never ran (first: {missing[0]!r}). If the model reads these "
+                "weights outside their module, pass model.parameters() instead of the model so "
+                "the optimizer swaps the tensors themselves.",
+                stacklevel=4,
+            )
+
+
+class _ChunkedLinear:
+    """``nn.Linear`` forward at perturbed weights, one row chunk of the weight at a time."""
+
+    def __init__(self, module, entries, coeff, direction, used):
+        self.m, self.entries, self.coeff, self.direction = module, entries, coeff, direction
+        used.update(entries.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, bias = self.m.weight, self.m.bias
+        wb, bb = self.entries["weight"], self.entries.get("bias")
+        if bias is not None and bb is not None:
+            bias = perturbed_block(bias, bb, self.direction, self.coeff)
+        out = x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out_features)
+        for c, (r0, r1) in enumerate(row_chunks(w.shape)):
+            wc = perturbed_chunk(w.detach()[r0:r1], self.direction(wb, c), self.coeff)
+            out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
+        return out
+
+
+class _ChunkedEmbedding:
+    """``nn.Embedding`` forward at perturbed weights: only the looked-up rows are perturbed."""
+
+    def __init__(self, module, block, coeff, direction, used, forward):
+        self.m, self.block, self.coeff, self.direction, self.forward = (
+            module, block, coeff, direction, forward,
+        )
+        used.add(block)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.m.weight.detach()
+        out = self.forward(ids)  # (..., dim), unperturbed rows, same dtype as w
+        for c, (r0, r1) in enumerate(row_chunks(w.shape)):
+            mask = (ids >= r0) & (ids < r1)
+            if not bool(mask.any()):
+                continue
+            rows = ids[mask] - r0
+            u = self.direction(self.block, c)[rows]
+            out[mask] = perturbed_chunk(w[r0:r1][rows], u, self.coeff)
+        return out

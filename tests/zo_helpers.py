@@ -1,0 +1,59 @@
+"""Shared builders for the engine tests: quadratics and tiny random causal LMs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+VOCAB = 300
+
+
+def tiny_lm(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 2-layer random causal LM (Llama with tied embeddings, or OPT) in eval mode."""
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )
+    elif arch == "opt":
+        cfg = OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+            num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+        )
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+def lm_closure(model, batch: int = 4, length: int = 12, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    return lambda: model(input_ids=ids, labels=ids).loss
+
+
+class Quadratic(torch.nn.Module):
+    """L(x, W) = 1/2 x^T A x + 1/2 ||W - W*||^2 with A diagonal; gradient and Hessian known."""
+
+    def __init__(self, n: int = 16, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.diag = torch.linspace(1.0, 4.0, n)
+        self.x = torch.nn.Parameter(torch.randn(n, generator=gen))
+        self.w = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+        self.w_star = torch.randn(6, 5, generator=gen)
+
+    def forward(self):
+        return 0.5 * (self.diag * self.x.square()).sum() + 0.5 * (self.w - self.w_star).square().sum()
+
+    def gradient(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.diag * self.x, (self.w - self.w_star).reshape(-1)])
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
