@@ -17,7 +17,7 @@ in half precision.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -31,7 +31,8 @@ CHUNK_ELEMENTS = 1 << 22
 
 _MASK64 = (1 << 64) - 1
 
-# direction(block, chunk) -> float32 tensor of the chunk's shape (already scaled).
+# direction(block, chunk) -> float32 tensor of the chunk's shape (unscaled; the perturber
+# multiplies block b by coeffs[b], which folds eps, the sign and the block scale into one scalar).
 Direction = Callable[[int, int], torch.Tensor]
 
 
@@ -102,13 +103,16 @@ def gaussian_block(step_seed: int, block: int, param: torch.Tensor) -> torch.Ten
 
 
 def perturbed_chunk(value: torch.Tensor, u: torch.Tensor, coeff: float) -> torch.Tensor:
-    """``value + coeff * u`` computed in float32 and returned in ``value``'s dtype (a new tensor)."""
-    if value.dtype == torch.float32:
+    """``value + coeff * u`` computed in (at least) float32, returned in ``value``'s dtype (a new
+    tensor)."""
+    if value.dtype in (torch.float32, torch.float64):
         return torch.add(value, u, alpha=coeff)
     return u.mul(coeff).add_(value.float()).to(value.dtype)
 
 
-def perturbed_block(param: torch.Tensor, block: int, direction: Direction, coeff: float) -> torch.Tensor:
+def perturbed_block(
+    param: torch.Tensor, block: int, direction: Direction, coeff: float
+) -> torch.Tensor:
     chunks = row_chunks(param.shape)
     if len(chunks) == 1:
         return perturbed_chunk(param.detach(), direction(block, 0), coeff)
@@ -119,7 +123,7 @@ def perturbed_block(param: torch.Tensor, block: int, direction: Direction, coeff
 
 
 class Perturber:
-    """Runs forwards at ``theta + coeff * u`` without modifying ``theta``.
+    """Runs forwards at ``theta_b + coeffs[b] * u_b`` without modifying ``theta``.
 
     Args:
         blocks: the parameter blocks being optimised.
@@ -145,9 +149,9 @@ class Perturber:
                     self._owners.append((module, entries))
 
     @contextmanager
-    def __call__(self, coeff: float, direction: Direction) -> Iterator[None]:
+    def __call__(self, coeffs: Sequence[float], direction: Direction) -> Iterator[None]:
         if self.model is None:
-            with self._swap_data(coeff, direction):
+            with self._swap_data(coeffs, direction):
                 yield
             return
         used: set[int] = set()
@@ -155,7 +159,7 @@ class Perturber:
         try:
             for module, entries in self._owners:
                 previous = module.__dict__.get("forward")
-                module.forward = self._wrap(module, entries, coeff, direction, used)
+                module.forward = self._wrap(module, entries, coeffs, direction, used)
                 patched.append((module, previous))
             yield
         finally:
@@ -167,34 +171,34 @@ class Perturber:
         self._check_used(used)
 
     @contextmanager
-    def _swap_data(self, coeff: float, direction: Direction) -> Iterator[None]:
+    def _swap_data(self, coeffs: Sequence[float], direction: Direction) -> Iterator[None]:
         originals = []
         try:
             for b, p in enumerate(self.blocks.params):
                 originals.append(p.data)
-                p.data = perturbed_block(p, b, direction, coeff)
+                p.data = perturbed_block(p, b, direction, coeffs[b])
             yield
         finally:
             for p, data in zip(self.blocks.params, originals, strict=False):
                 p.data = data
 
-    def _wrap(self, module, entries, coeff, direction, used):
+    def _wrap(self, module, entries, coeffs, direction, used):
         forward = type(module).forward.__get__(module)
         if module.__dict__.get("forward") is not None:
             forward = module.__dict__["forward"]
         names = {name for name, _ in entries}
         big = module.weight.numel() > CHUNK_ELEMENTS if "weight" in names else False
         if big and type(module) is nn.Linear:
-            return _ChunkedLinear(module, dict(entries), coeff, direction, used)
+            return _ChunkedLinear(module, dict(entries), coeffs, direction, used)
         if big and type(module) is nn.Embedding and names == {"weight"}:
-            return _ChunkedEmbedding(module, entries[0][1], coeff, direction, used, forward)
+            return _ChunkedEmbedding(module, entries[0][1], coeffs, direction, used, forward)
 
         def run(*args, **kwargs):
             saved = {}
             try:
                 for name, b in entries:
                     saved[name] = module._parameters[name]
-                    value = perturbed_block(saved[name], b, direction, coeff)
+                    value = perturbed_block(saved[name], b, direction, coeffs[b])
                     module._parameters[name] = nn.Parameter(value, requires_grad=False)
                     used.add(b)
                 return forward(*args, **kwargs)
@@ -219,18 +223,18 @@ class Perturber:
 class _ChunkedLinear:
     """``nn.Linear`` forward at perturbed weights, one row chunk of the weight at a time."""
 
-    def __init__(self, module, entries, coeff, direction, used):
-        self.m, self.entries, self.coeff, self.direction = module, entries, coeff, direction
+    def __init__(self, module, entries, coeffs, direction, used):
+        self.m, self.entries, self.coeffs, self.direction = module, entries, coeffs, direction
         used.update(entries.values())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self.m.weight, self.m.bias
         wb, bb = self.entries["weight"], self.entries.get("bias")
         if bias is not None and bb is not None:
-            bias = perturbed_block(bias, bb, self.direction, self.coeff)
+            bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
         out = x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out_features)
         for c, (r0, r1) in enumerate(row_chunks(w.shape)):
-            wc = perturbed_chunk(w.detach()[r0:r1], self.direction(wb, c), self.coeff)
+            wc = perturbed_chunk(w.detach()[r0:r1], self.direction(wb, c), self.coeffs[wb])
             out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
         return out
 
@@ -238,9 +242,13 @@ class _ChunkedLinear:
 class _ChunkedEmbedding:
     """``nn.Embedding`` forward at perturbed weights: only the looked-up rows are perturbed."""
 
-    def __init__(self, module, block, coeff, direction, used, forward):
-        self.m, self.block, self.coeff, self.direction, self.forward = (
-            module, block, coeff, direction, forward,
+    def __init__(self, module, block, coeffs, direction, used, forward):
+        self.m, self.block, self.coeffs, self.direction, self.forward = (
+            module,
+            block,
+            coeffs,
+            direction,
+            forward,
         )
         used.add(block)
 
@@ -253,5 +261,5 @@ class _ChunkedEmbedding:
                 continue
             rows = ids[mask] - r0
             u = self.direction(self.block, c)[rows]
-            out[mask] = perturbed_chunk(w[r0:r1][rows], u, self.coeff)
+            out[mask] = perturbed_chunk(w[r0:r1][rows], u, self.coeffs[self.block])
         return out

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l.blocks import ParamBlocks, is_no_decay
+from l2l.blocks import ParamBlocks, block_features, is_no_decay
 from l2l.perturb import Perturber, chunk_view, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
@@ -147,7 +147,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self._rng = random.Random(seed)
         self._numels = self.blocks.numels
-        self._no_decay = [is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)]
+        self._no_decay = [
+            is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)
+        ]
         self._prev_losses = (0.0, 0.0)
         self._prev_sigma = torch.ones(len(self.blocks))
 
@@ -187,11 +189,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ---- the step ---------------------------------------------------------------------------
     def features(self) -> torch.Tensor:
         """(B, 5) float32 tuner features: mean, var, L+ prev, L- prev, sigma prev."""
-        mean, var = self.blocks.statistics()
-        n = len(self.blocks)
-        lp = torch.full((n,), self._prev_losses[0])
-        lm = torch.full((n,), self._prev_losses[1])
-        return torch.stack([mean, var, lp, lm, self._prev_sigma.float()], dim=1)
+        return block_features(self.blocks, self._prev_losses, self._prev_sigma)
 
     def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(raw sigma, effective nf * sigma) from the provider, or (None, None) without one."""
@@ -208,24 +206,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             return sigma, sigma
         return sigma, sigma * normalisation(sigma, self._numels)
 
-    def _scaled(self, ctx: StepContext, block: int, u: torch.Tensor) -> torch.Tensor:
-        if ctx.scales is None:
-            return u
-        return u.mul_(float(ctx.scales[block]))
-
-    def direction_fn(self, ctx: StepContext):
-        return lambda b, c: self._scaled(ctx, b, self._direction(ctx, b, c))
-
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
 
     def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[float]:
         """[L+, L-] (HiZOO prepends L0)."""
         eps = self.group["eps"]
-        direction = self.direction_fn(ctx)
+        direction = lambda b, c: self._direction(ctx, b, c)  # noqa: E731
+        scales = [1.0] * len(self.blocks) if ctx.scales is None else ctx.scales.tolist()
         out = []
         for sign in (1.0, -1.0):
-            with self.perturber(sign * eps, direction):
+            with self.perturber([sign * eps * s for s in scales], direction):
                 out.append(_to_float(closure()))
         return out
 
@@ -306,7 +297,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             for c, (r0, r1) in enumerate(row_chunks(p.shape)):
                 view = chunk_view(p.data, r0, r1)
-                new = view.float()  # the view itself for float32 parameters
+                # float32/float64 parameters are updated in place; half precision via float32
+                new = view if view.dtype in (torch.float32, torch.float64) else view.float()
                 if decay:
                     new.mul_(1.0 - decay)
                 if coeff:

@@ -23,13 +23,16 @@ import torch
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
 from l2l.perturb import chunk_shape, chunk_view, gaussian_chunk, row_chunks
 
-
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12
 
 
 def hessian_diag_estimate(
-    delta_loss: float | torch.Tensor, z: torch.Tensor, hessian: torch.Tensor, mu: float, scale: float = 1.0
+    delta_loss: float | torch.Tensor,
+    z: torch.Tensor,
+    hessian: torch.Tensor,
+    mu: float,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """h_hat = (L+ + L- - 2 L0) / (2 mu^2) * H (z^2 - 1) / scale^2  (elementwise, unbiased)."""
     return (delta_loss / (2.0 * mu * mu * scale * scale)) * hessian * (z.square() - 1.0)
@@ -40,8 +43,16 @@ class HiZOO(ZOOptimizer):
 
     forwards_per_step = 3
 
-    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 *, hessian_smooth: float = 1e-8, **kwargs) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        hessian_smooth: float = 1e-8,
+        **kwargs,
+    ) -> None:
         if not 0.0 <= hessian_smooth <= 1.0:
             raise ValueError(f"hessian_smooth must be in [0, 1], got {hessian_smooth}")
         super().__init__(params, lr, eps, weight_decay, hessian_smooth=hessian_smooth, **kwargs)

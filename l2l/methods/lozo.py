@@ -30,16 +30,27 @@ _V_STREAM = 0x56  # "V"
 class LOZO(ZOOptimizer):
     """LOZO; ``momentum=beta > 0`` gives LOZO-M. ``rank`` r, ``nu`` steps between V redraws."""
 
-    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 *, rank: int = 2, nu: int = 50, momentum: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 2,
+        nu: int = 50,
+        momentum: float = 0.0,
+        **kwargs,
+    ) -> None:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if nu < 1:
             raise ValueError(f"nu must be >= 1, got {nu}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, lr, eps, weight_decay, rank=rank, nu=nu, momentum=momentum,
-                         **kwargs)
+        super().__init__(
+            params, lr, eps, weight_decay, rank=rank, nu=nu, momentum=momentum, **kwargs
+        )
 
     def _is_matrix(self, block: int) -> bool:
         return self.blocks.params[block].ndim == 2

@@ -13,7 +13,9 @@ from l2l.tuner.config import (
     WEIGHTS_NAME,
     TunerConfig,
     TunerFormatError,
+    TunerNotFoundError,
 )
+from l2l.tuner.hub import fetch_tuner_snapshot
 from l2l.tuner.io import atomic_directory
 from l2l.tuner.model import Tuner, TunerMismatchError, scale_features
 
@@ -28,7 +30,9 @@ __all__ = [
     "TunerConfig",
     "TunerFormatError",
     "TunerMismatchError",
+    "TunerNotFoundError",
     "atomic_directory",
+    "fetch_tuner_snapshot",
     "render_model_card",
     "scale_features",
 ]

@@ -57,6 +57,13 @@ class TunerFormatError(ValueError):
     """A tuner file is unreadable, incomplete or inconsistent (the message names the file)."""
 
 
+class TunerNotFoundError(FileNotFoundError):
+    """No tuner at that path / name / repo id, or the Hub could not be reached for it."""
+
+
+TRAIN_HINT = "train one with `pretrain-tuner --model <model id> --output <dir>`"
+
+
 def library_version() -> str:
     """Installed version of ``l2l-zo`` (``0.1.0`` when running from a bare checkout)."""
     try:
@@ -157,9 +164,7 @@ class TunerConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "the tuner config") -> TunerConfig:
         """Build and validate a config; errors name ``source`` and the offending key."""
         if not isinstance(data, dict):
-            raise TunerFormatError(
-                f"{source}: expected a JSON object, got {type(data).__name__}"
-            )
+            raise TunerFormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
         missing = [key for key in REQUIRED_KEYS if key not in data]
         if missing:
             raise TunerFormatError(

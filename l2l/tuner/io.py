@@ -111,7 +111,9 @@ def read_weights(
                 f"describes shape {shape}: the weights and the config belong to different tuners"
             )
         if not tensor.is_floating_point():
-            raise TunerFormatError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected float")
+            raise TunerFormatError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected float"
+            )
         if not torch.isfinite(tensor).all():
             raise _corrupted(path, f"tensor {name!r} contains NaN or inf")
         tensors[name] = tensor.float()

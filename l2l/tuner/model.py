@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, snapshot_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from l2l.blocks import ParamBlocks
 from l2l.tuner.card import CARD_TAGS, render_model_card
 from l2l.tuner.config import (
-    ARTIFACT_FILES,
     CARD_NAME,
     CONFIG_NAME,
     FEATURE_NAMES,
@@ -37,6 +36,7 @@ from l2l.tuner.config import (
     WEIGHTS_NAME,
     TunerConfig,
 )
+from l2l.tuner.hub import fetch_tuner_snapshot
 from l2l.tuner.io import atomic_directory, read_weights, write_weights
 
 logger = logging.getLogger(__name__)
@@ -59,14 +59,16 @@ def scale_features(features: torch.Tensor, scaling: str, scales: torch.Tensor) -
 def _first_mismatch(
     expected: list[tuple[str, tuple[int, ...]]], actual: list[tuple[str, tuple[int, ...]]]
 ) -> str | None:
-    for i, ((e_name, e_shape), (a_name, a_shape)) in enumerate(zip(expected, actual)):
+    for i, ((e_name, e_shape), (a_name, a_shape)) in enumerate(zip(expected, actual, strict=False)):
         if e_name != a_name:
             return (
                 f"block {i}: the tuner expects {e_name!r} {e_shape} but the model has "
                 f"{a_name!r} {a_shape}"
             )
         if e_shape != a_shape:
-            return f"block {i} {e_name!r}: the tuner expects shape {e_shape}, the model has {a_shape}"
+            return (
+                f"block {i} {e_name!r}: the tuner expects shape {e_shape}, the model has {a_shape}"
+            )
     n = min(len(expected), len(actual))
     if len(actual) > n:
         name, shape = actual[n]
@@ -93,7 +95,9 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         self.w2 = nn.Parameter(torch.empty(n, h))  # (B, H)
         self.b2 = nn.Parameter(torch.empty(n))  # (B,)
         self.register_buffer(
-            "feature_scales", torch.tensor(config.feature_scales, dtype=torch.float32), persistent=False
+            "feature_scales",
+            torch.tensor(config.feature_scales, dtype=torch.float32),
+            persistent=False,
         )
         self.reset_parameters(seed)
 
@@ -157,7 +161,9 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
     def block_mlp(self, index: int) -> nn.Sequential:
         """Block ``index`` as the paper's ``nn.Sequential`` (a detached copy of its weights)."""
         mlp = nn.Sequential(
-            nn.Linear(NUM_FEATURES, self.config.hidden_size), nn.Tanh(), nn.Linear(self.config.hidden_size, 1)
+            nn.Linear(NUM_FEATURES, self.config.hidden_size),
+            nn.Tanh(),
+            nn.Linear(self.config.hidden_size, 1),
         )
         with torch.no_grad():
             mlp[0].weight.copy_(self.w1[index])
@@ -182,8 +188,9 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         model, is only logged.
         """
         if blocks.fingerprint() != self.config.fingerprint:
-            expected = list(zip(self.config.block_names, map(tuple, self.config.block_shapes)))
-            actual = list(zip(blocks.names, blocks.shapes))
+            shapes = [tuple(s) for s in self.config.block_shapes]
+            expected = list(zip(self.config.block_names, shapes, strict=True))
+            actual = list(zip(blocks.names, blocks.shapes, strict=True))
             problem = _first_mismatch(expected, actual) or "the block fingerprints differ"
             raise TunerMismatchError(
                 f"tuner for {self.config.base_model} does not fit this model: {problem}. "
@@ -245,7 +252,9 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         folder = Path(folder)
         config = TunerConfig.load(folder / CONFIG_NAME)
         tuner = cls(config)
-        weights = read_weights(folder / WEIGHTS_NAME, tuner._weight_shapes(), str(folder / CONFIG_NAME))
+        weights = read_weights(
+            folder / WEIGHTS_NAME, tuner._weight_shapes(), str(folder / CONFIG_NAME)
+        )
         with torch.no_grad():
             for name, param in tuner.named_parameters():
                 param.copy_(weights[name])
@@ -297,13 +306,12 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
             raise TypeError(f"Tuner.from_pretrained got unexpected arguments {sorted(kwargs)}")
         if Path(model_id).is_dir():
             return cls.load_folder(model_id, map_location)
-        folder = snapshot_download(
-            repo_id=model_id,
+        folder = fetch_tuner_snapshot(
+            model_id,
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,
             local_files_only=local_files_only,
             token=token,
-            allow_patterns=list(ARTIFACT_FILES),
         )
         return cls.load_folder(folder, map_location)

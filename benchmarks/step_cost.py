@@ -1,0 +1,194 @@
+"""Cost of one ZO step vs plain forwards, and peak memory of a step vs a forward.
+
+Every measurement runs in a fresh subprocess so its peak RSS (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU) belongs to that measurement alone. Models are random
+initialisations of real shapes (no download).
+
+    python benchmarks/step_cost.py --model smollm2-135m --batch 8 --seq 64 --dtype float32
+    python benchmarks/step_cost.py --model tiny --methods mezo,lozo --repeats 5
+
+Printed per method: step time, ratio = step_time / (forwards_per_step x forward_time), ratio of
+the step time to the plain 4-pass MeZO reference, peak memory of a step and its ratio to a
+forward's peak. ``--tuner`` attaches a freshly initialised learned tuner (block_scale) to every
+method, to measure the tuner's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # SmolLM2-135M(-Instruct): 30 layers, width 576, GQA 9/3 heads, vocab 49152, tied embeddings
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    ),
+}
+METHODS = ("reference", "mezo", "hizoo", "lozo", "lozo-m")
+
+
+def build(name: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[name]))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_optimizer(method: str, model, tuner: bool):
+    from l2l import LOZO, ZOSGD, HiZOO
+
+    kw = {"lr": 1e-7, "eps": 1e-3}
+    if tuner:
+        from l2l.blocks import ParamBlocks
+        from l2l.tuner import Tuner
+
+        kw["block_scale"] = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="bench")
+    return {
+        "mezo": lambda: ZOSGD(model, **kw),
+        "hizoo": lambda: HiZOO(model, **kw),
+        "lozo": lambda: LOZO(model, rank=2, nu=50, **kw),
+        "lozo-m": lambda: LOZO(model, rank=2, nu=50, momentum=0.9, **kw),
+    }[method]()
+
+
+def peak_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure(args) -> dict:
+    """Runs inside the subprocess: one kind of work (forward or a method), timed."""
+    dtype = getattr(torch, args.dtype)
+    model = build(args.model, dtype, args.device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen)
+    ids = ids.to(args.device)
+    closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    if args.what == "forward":
+        run, forwards = closure, 1
+    elif args.what == "reference":
+        from l2l import ParamBlocks
+        from l2l.methods.reference import mezo_reference_step
+
+        blocks = ParamBlocks.from_module(model)
+        run, forwards = (lambda: mezo_reference_step(blocks, closure, 1, 1e-7, 1e-3)), 2
+    else:
+        opt = make_optimizer(args.what, model, args.tuner)
+        run, forwards = (lambda: opt.step(closure)), opt.forwards_per_step
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.repeats):
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+    return dict(
+        what=args.what,
+        seconds=statistics.median(times),
+        forwards=forwards,
+        peak_bytes=peak_memory(args.device),
+    )
+
+
+def spawn(args, what: str) -> dict:
+    cmd = (
+        [sys.executable, __file__, "--_worker", what]
+        + [
+            f"--model={args.model}",
+            f"--batch={args.batch}",
+            f"--seq={args.seq}",
+            f"--dtype={args.dtype}",
+            f"--device={args.device}",
+            f"--repeats={args.repeats}",
+            f"--warmup={args.warmup}",
+            f"--threads={args.threads}",
+        ]
+        + (["--tuner"] if args.tuner else [])
+    )
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tuner", action="store_true", help="attach a learned tuner to each method")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._worker:
+        args.what = args._worker
+        print(json.dumps(measure(args)))
+        return
+    rows = [spawn(args, "forward")] + [spawn(args, m) for m in args.methods.split(",")]
+    report(args, rows)
+
+
+def report(args, rows: list[dict]) -> None:
+    fwd = rows[0]
+    ref = next((r for r in rows if r["what"] == "reference"), None)
+    print(
+        f"# step_cost: model={args.model} batch={args.batch} seq={args.seq} dtype={args.dtype} "
+        f"device={args.device} tuner={args.tuner} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} machine={platform.machine()} {platform.processor()}"
+    )
+    print(f"forward: {fwd['seconds'] * 1e3:.1f} ms, peak {fwd['peak_bytes'] / 2**20:.0f} MiB")
+    print(
+        "| method | step ms | step / (k x forward) | step / reference | peak MiB | peak / forward peak |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        ratio = r["seconds"] / (r["forwards"] * fwd["seconds"])
+        vs_ref = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        mem = r["peak_bytes"] / fwd["peak_bytes"]
+        print(
+            f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {ratio:.3f} | {vs_ref} | "
+            f"{r['peak_bytes'] / 2**20:.0f} | {mem:.3f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

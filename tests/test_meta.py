@@ -1,0 +1,77 @@
+"""The meta-step's tuner gradient equals a finite-difference estimate of the meta-loss."""
+
+from __future__ import annotations
+
+import torch
+
+from l2l import ParamBlocks
+from l2l.blocks import block_features
+from l2l.meta import MetaState, meta_step
+from l2l.perturb import gaussian_block
+
+
+class LinearTuner(torch.nn.Module):
+    """sigma_b = softplus(x_b . w + b0): a minimal differentiable block-scale network."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.05, 0.4], dtype=torch.float64))
+        self.b0 = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.nn.functional.softplus(x.double() @ self.w + self.b0)
+
+
+def test_meta_gradient_matches_finite_differences():
+    torch.manual_seed(0)  # a float64 MLP: HF models compute norms/losses in float32
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(20, 8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 16),
+        torch.nn.Tanh(),
+        torch.nn.LayerNorm(16),
+        torch.nn.Linear(16, 20),
+    ).double()
+    blocks = ParamBlocks.from_module(model)
+    ids = torch.randint(0, 20, (16, 3), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 20, (16,), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(model(ids), target)
+
+    tuner = LinearTuner()
+    state = MetaState(loss_plus=5.0, loss_minus=5.1, sigma=torch.linspace(0.5, 1.5, len(blocks)))
+    lr_update, seed = 0.5, 123
+    theta0 = [p.detach().clone() for p in blocks.params]
+    out = meta_step(model, blocks, tuner, loss_fn, state, seed=seed, eps=1e-3, lr_update=lr_update)
+    for p, t in zip(blocks.params, theta0, strict=True):  # model is back at theta0
+        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-12)
+    analytic = torch.cat([tuner.w.grad, tuner.b0.grad.reshape(1)])
+    nf = out.nf
+    features = block_features(blocks, (5.0, 5.1), state.sigma)
+    zs = [gaussian_block(seed, b, p).double() for b, p in enumerate(blocks.params)]
+
+    def meta_loss(w, b0) -> float:  # L(theta0 - lr_update g nf sigma_b(w) z_b), g & nf constant
+        sigma = torch.nn.functional.softplus(features.double() @ w + b0)
+        with torch.no_grad():
+            for b, p in enumerate(blocks.params):
+                p.copy_(theta0[b] - lr_update * out.projected_grad * nf * sigma[b] * zs[b])
+            value = float(loss_fn())
+            for p, t in zip(blocks.params, theta0, strict=True):
+                p.copy_(t)
+        return value
+
+    h = 1e-6
+    numeric = []
+    w, b0 = tuner.w.detach(), tuner.b0.detach()
+    for i in range(6):
+        step = torch.zeros(6, dtype=torch.float64)
+        step[i] = h
+        plus = meta_loss(w + step[:5], b0 + step[5])
+        minus = meta_loss(w - step[:5], b0 - step[5])
+        numeric.append((plus - minus) / (2 * h))
+    numeric = torch.tensor(numeric, dtype=torch.float64)
+    print("meta-gradient analytic", analytic.tolist(), "numeric", numeric.tolist())
+    assert analytic.abs().max() > 1e-6  # a real signal, not zeros on both sides
+    torch.testing.assert_close(analytic, numeric, rtol=1e-3, atol=1e-8)
+    assert abs(float(out.meta_loss) - meta_loss(w, b0)) < 1e-9
