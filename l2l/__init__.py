@@ -12,7 +12,7 @@ from l2l.methods import (
     hessian_diag_estimate,
     normalisation,
 )
-from l2l.trajectory import Trajectory, replay
+from l2l.trajectory import Trajectory, apply_records, replay
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,6 @@ __all__ = [
     "block_fingerprint",
     "hessian_diag_estimate",
     "normalisation",
+    "apply_records",
     "replay",
 ]

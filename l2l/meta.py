@@ -121,9 +121,7 @@ def meta_step(
         _shift(blocks, seed, -coeffs)
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()
     backward(surrogate)
-    return MetaStepOutput(
-        meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf)
-    )
+    return MetaStepOutput(meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf))
 
 
 def advance_state(state: MetaState, out: MetaStepOutput) -> MetaState:

@@ -55,6 +55,7 @@ class Trajectory:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are ordinary files
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f)
                 f.flush()
@@ -102,7 +103,16 @@ def replay(params: nn.Module | Any, trajectory: Trajectory | str | os.PathLike) 
             f"{opt.blocks.fingerprint()[:12]} != {trajectory.fingerprint[:12]}): replay needs the "
             "same model the trajectory was recorded on"
         )
-    for record in trajectory.records:
+    apply_records(opt, trajectory.records)
+    return opt
+
+
+@torch.no_grad()
+def apply_records(opt: ZOOptimizer, records: list[StepRecord]) -> None:
+    """Re-apply recorded updates to ``opt``'s parameters (at the values the records start
+    from), appending them to ``opt.records`` when it keeps them. Used by replay and resume."""
+    for record in records:
         opt._apply(record)
         opt.step_count = record.step + 1
-    return opt
+        if opt.records is not None:
+            opt.records.append(record)

@@ -14,7 +14,6 @@ The optional ``block_scale`` provider (the learned tuner attaches here) returns 
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from l2l.blocks import ParamBlocks, block_features, is_no_decay
-from l2l.perturb import Perturber, chunk_view, row_chunks
+from l2l.perturb import Perturber, chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
 LossReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -86,7 +85,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps: perturbation scale ``epsilon``.
         weight_decay: ``lambda`` of ``theta <- theta - eta (g u + lambda theta)``; skipped for
             biases and normalisation weights.
-        seed: seeds the stream of per-step seeds.
+        seed: base seed; the seed of step t is ``mix_seed(seed, t)``.
         block_scale: optional provider ``features (B, 5) -> sigma (B,)``; features are
             ``[mean, var, L+ prev, L- prev, sigma prev]`` per block.
         normalize: apply ``nf`` to the provider's sigmas (ZO Fine-tuner default: on).
@@ -145,7 +144,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.records: list[StepRecord] | None = [] if record else None
         self.nonfinite_steps = 0
         self.step_count = 0
-        self._rng = random.Random(seed)
         self._numels = self.blocks.numels
         self._no_decay = [
             is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)
@@ -163,15 +161,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         keep = {k: v for k, v in self.group.items() if k != "params"}
         return dict(keep, seed=self.seed, normalize=self.normalize)
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["zo"] = dict(
+    def zo_state(self) -> dict[str, Any]:
+        """The optimizer's small global state (step count, tuner inputs): with the
+        trajectory records it is all a resume needs, since replaying the records rebuilds the
+        parameters and every per-parameter buffer (HiZOO's H, LOZO's V and N)."""
+        return dict(
             step_count=self.step_count,
-            rng=self._rng.getstate(),
-            prev_losses=self._prev_losses,
-            prev_sigma=self._prev_sigma.clone(),
+            prev_losses=list(self._prev_losses),
+            prev_sigma=self._prev_sigma.tolist(),
             nonfinite_steps=self.nonfinite_steps,
         )
+
+    def load_zo_state(self, zo: dict[str, Any]) -> None:
+        self.step_count = int(zo["step_count"])
+        self._prev_losses = tuple(float(v) for v in zo["prev_losses"])
+        self._prev_sigma = torch.as_tensor(zo["prev_sigma"], dtype=torch.float32)
+        self.nonfinite_steps = int(zo["nonfinite_steps"])
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["zo"] = self.zo_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -179,12 +188,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
         if zo is not None:
-            self.step_count = zo["step_count"]
-            rng = zo["rng"]
-            self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
-            self._prev_losses = tuple(zo["prev_losses"])
-            self._prev_sigma = zo["prev_sigma"].clone()
-            self.nonfinite_steps = zo["nonfinite_steps"]
+            self.load_zo_state(zo)
 
     # ---- the step ---------------------------------------------------------------------------
     def features(self) -> torch.Tensor:
@@ -228,7 +232,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One ZO step. ``closure`` runs a forward pass only and returns the minibatch loss."""
         if closure is None:
             raise ValueError("ZO optimizers need a closure that returns the minibatch loss")
-        seed = self._rng.getrandbits(63)
+        seed = mix_seed(self.seed, self.step_count)  # a pure function of (seed, step)
         sigma, scales = self.block_scales()
         ctx = StepContext(self.step_count, seed, scales)
         self._prepare(ctx.step, seed)
@@ -241,12 +245,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._on_nonfinite(step, losses)
             return torch.tensor(float("nan"))
         record = self._make_record(ctx, [float(v) for v in losses])
-        self._apply(record)
+        # bookkeeping first: an interrupt inside _apply then leaves a record and state that a
+        # resume (which replays the records onto the initial weights) can trust
         self._prev_losses = (float(losses[-2]), float(losses[-1]))
         if sigma is not None:
             self._prev_sigma = sigma.float()
         if self.records is not None:
             self.records.append(record)
+        self._apply(record)
         return self._report_loss(losses)
 
     def _report_loss(self, losses: torch.Tensor) -> torch.Tensor:

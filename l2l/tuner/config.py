@@ -64,6 +64,9 @@ class TunerNotFoundError(FileNotFoundError):
 TRAIN_HINT = "train one with `pretrain-tuner --model <model id> --output <dir>`"
 
 
+_DEFAULT_SOURCE = "the tuner config"
+
+
 def library_version() -> str:
     """Installed version of ``l2l-zo`` (``0.1.0`` when running from a bare checkout)."""
     try:
@@ -114,7 +117,7 @@ class TunerConfig:
     def compute_fingerprint(self) -> str:
         return block_fingerprint(self.block_names, [tuple(s) for s in self.block_shapes])
 
-    def validate(self, source: str = "the tuner config") -> None:
+    def validate(self, source: str = _DEFAULT_SOURCE) -> None:
         """Raise :class:`TunerFormatError` on inconsistent values (``source`` names the file)."""
         problems = self._problems()
         if problems:
@@ -161,7 +164,7 @@ class TunerConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "the tuner config") -> TunerConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = _DEFAULT_SOURCE) -> TunerConfig:
         """Build and validate a config; errors name ``source`` and the offending key."""
         if not isinstance(data, dict):
             raise TunerFormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -185,8 +188,8 @@ class TunerConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
             config = cls(**kwargs)
-        except TunerFormatError:
-            raise
+        except TunerFormatError as err:  # name the file instead of the generic source
+            raise TunerFormatError(str(err).replace(_DEFAULT_SOURCE, source, 1)) from None
         except (TypeError, ValueError) as err:
             raise TunerFormatError(f"{source}: invalid value ({err})") from err
         return config

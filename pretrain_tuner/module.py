@@ -1,0 +1,118 @@
+"""A thin LightningModule over :func:`l2l.meta.meta_step` (ZO Fine-tuner meta-training).
+
+Per training step: the meta-step (L+, L-, differentiable look-ahead, meta-loss) puts the
+meta-gradient in the tuner and dL/dtheta in the base model; the tuner takes an SGD step and the
+base model a first-order SGD-with-momentum step, so the tuner sees the states a fine-tuning run
+visits. Every ``reset_every`` epochs the base model goes back to its initial weights (ZO
+Fine-tuner's reset; the ablation shows it matters).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from l2l.blocks import ParamBlocks
+from l2l.meta import MetaState, advance_state, meta_step
+from l2l.perturb import mix_seed
+
+
+class MetaTunerModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tuner: torch.nn.Module,
+        *,
+        eps: float = 1e-3,
+        lr_update: float = 1e-6,
+        lr_tuner: float = 0.1,
+        lr_model: float = 0.01,
+        momentum: float = 0.8,
+        reset_every: int = 5,
+        normalize: bool = True,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in dict(eps=eps, lr_tuner=lr_tuner, lr_update=lr_update).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.save_hyperparameters(ignore=["model", "tuner"])
+        self.automatic_optimization = False
+        self.model, self.tuner = model, tuner
+        self.model.train(False)  # dropout off: the losses must be deterministic functions
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.blocks = ParamBlocks.from_module(self.model)
+        # theta_0 for the periodic resets (kept on the CPU, never trained)
+        self._initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.meta_state = MetaState()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        tuner_opt = torch.optim.SGD(self.tuner.parameters(), lr=hp.lr_tuner)
+        model_opt = torch.optim.SGD(self.blocks.params, lr=hp.lr_model, momentum=hp.momentum)
+        return [tuner_opt, model_opt]
+
+    def _loss(self, batch):
+        return self.model(**batch).loss
+
+    def training_step(self, batch, batch_idx: int):
+        hp = self.hparams
+        tuner_opt, model_opt = self.optimizers()
+        tuner_opt.zero_grad()
+        model_opt.zero_grad()
+        out = meta_step(
+            self.model,
+            self.blocks,
+            self.tuner,
+            lambda: self._loss(batch),
+            self.meta_state,
+            seed=mix_seed(hp.seed, self.global_step),
+            eps=hp.eps,
+            lr_update=hp.lr_update,
+            normalize=hp.normalize,
+            backward=self.manual_backward,
+        )
+        if hp.grad_clip:
+            self.clip_gradients(
+                tuner_opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm"
+            )
+        tuner_opt.step()
+        if hp.lr_model > 0:
+            model_opt.step()
+        self.meta_state = advance_state(self.meta_state, out)
+        metrics = {
+            "meta_loss": out.meta_loss.float(),
+            "loss_plus": out.loss_plus,
+            "loss_minus": out.loss_minus,
+            "sigma_mean": out.sigma.mean(),
+            "sigma_min": out.sigma.min(),
+            "sigma_max": out.sigma.max(),
+        }
+        self.log_dict(metrics, prog_bar=False, on_step=True)
+        self.log("meta_loss", out.meta_loss.float(), prog_bar=True, on_step=True)
+        return out.meta_loss
+
+    def on_train_epoch_start(self) -> None:
+        every = self.hparams.reset_every
+        if every and self.current_epoch > 0 and self.current_epoch % every == 0:
+            self.reset_model()
+
+    @torch.no_grad()
+    def reset_model(self) -> None:
+        """Back to theta_0, momentum cleared, tuner state back to sigma = 1 and losses 0."""
+        self.model.load_state_dict(self._initial)
+        _, model_opt = self.optimizers()
+        model_opt.optimizer.state.clear()
+        self.meta_state = MetaState()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        s = self.meta_state
+        checkpoint["meta_state"] = dict(
+            loss_plus=s.loss_plus, loss_minus=s.loss_minus, sigma=s.sigma
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "meta_state" in checkpoint:
+            self.meta_state = MetaState(**checkpoint["meta_state"])
