@@ -82,16 +82,17 @@ class MetaTunerModule(L.LightningModule):
         if hp.lr_model > 0:
             model_opt.step()
         self.meta_state = advance_state(self.meta_state, out)
-        metrics = {
-            "meta_loss": out.meta_loss.float(),
-            "loss_plus": out.loss_plus,
-            "loss_minus": out.loss_minus,
-            "sigma_mean": out.sigma.mean(),
-            "sigma_min": out.sigma.min(),
-            "sigma_max": out.sigma.max(),
-        }
-        self.log_dict(metrics, prog_bar=False, on_step=True)
         self.log("meta_loss", out.meta_loss.float(), prog_bar=True, on_step=True)
+        self.log_dict(
+            {
+                "loss_plus": out.loss_plus,
+                "loss_minus": out.loss_minus,
+                "sigma_mean": out.sigma.mean(),
+                "sigma_min": out.sigma.min(),
+                "sigma_max": out.sigma.max(),
+            },
+            on_step=True,
+        )
         return out.meta_loss
 
     def on_train_epoch_start(self) -> None:

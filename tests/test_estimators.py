@@ -19,7 +19,9 @@ def test_spsa_estimate_aligns_with_true_gradient():
     for _ in range(400):
         opt.step(q)
         r = opt.records[-1]
-        z = torch.cat([gaussian_block(r.seed, b, p).flatten() for b, p in enumerate(opt.blocks.params)])
+        z = torch.cat(
+            [gaussian_block(r.seed, b, p).flatten() for b, p in enumerate(opt.blocks.params)]
+        )
         estimate += r.grad * z
     cos = torch.nn.functional.cosine_similarity(estimate, true, dim=0)
     print(f"SPSA cosine(mean estimate, true gradient) over 400 seeds: {float(cos):.3f}")

@@ -151,10 +151,15 @@ def test_block_scale_provider_scales_blocks_with_normalisation():
         bad.step(q)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"weight_decay": -1.0}, "weight_decay"),
-    ({"nonfinite": "ignore"}, "nonfinite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"eps": 0.0}, "eps"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ZOSGD(Quadratic(), **kwargs)

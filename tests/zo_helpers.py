@@ -12,13 +12,23 @@ def tiny_lm(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int =
     """A 2-layer random causal LM (Llama with tied embeddings, or OPT) in eval mode."""
     if arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
         )
     elif arch == "opt":
         cfg = OPTConfig(
-            vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-            num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
         )
     else:
         raise ValueError(arch)
@@ -44,7 +54,9 @@ class Quadratic(torch.nn.Module):
         self.w_star = torch.randn(6, 5, generator=gen)
 
     def forward(self):
-        return 0.5 * (self.diag * self.x.square()).sum() + 0.5 * (self.w - self.w_star).square().sum()
+        return (
+            0.5 * (self.diag * self.x.square()).sum() + 0.5 * (self.w - self.w_star).square().sum()
+        )
 
     def gradient(self) -> torch.Tensor:
         with torch.no_grad():
