@@ -1,0 +1,320 @@
+"""Does the learned tuner beat MeZO, HiZOO and LOZO on tasks it never saw? (issue: evidence)
+
+A small-scale replica of the ZO Fine-tuner evaluation on SmolLM2-135M, offline:
+
+    python benchmarks/quality.py --budget small --out runs/quality          # CPU, hours
+    python benchmarks/quality.py --budget full --out runs/quality-full      # GPU: 20k steps
+
+1. Learning rate per method: each method (with and without the tuner) runs ``--select-steps``
+   steps on the first task with every lr of the grid (seed 0); the lr with the best dev accuracy
+   (ties: lower final train loss) is kept.
+2. Every (task, method, seed) then runs ``--steps`` steps at its chosen lr.
+3. Zero-shot accuracy (every run's "before") and a first-order AdamW row per task for context.
+Peak memory is the process's peak RSS (CPU) so, as runs share one process, compare memory with
+``benchmarks/step_cost.py`` (a fresh process per measurement) instead.
+Each run writes one JSON (``runs/<name>.json``, skipped when present, so the script resumes);
+the summary is ``summary.md`` (table + the paper's headline statistics) and ``loss_curves.png``.
+The tuner is the one given by ``--tuner`` (default: the bundled ``smollm2-135m``), which was
+meta-trained on tasks that are not evaluated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BUDGETS = {
+    # steps, selection steps, lr grid, seeds, batch, eval examples
+    "small": dict(
+        steps=60, select_steps=30, lrs=[1e-5, 3e-5], seeds=[0, 1, 2], batch=8, n_eval=100
+    ),
+    "full": dict(
+        steps=20000,
+        select_steps=2000,
+        lrs=[1e-6, 1e-5, 3e-5],
+        seeds=[0, 1, 2],
+        batch=16,
+        n_eval=1000,
+    ),
+}
+METHODS = [
+    ("mezo", False),
+    ("mezo", True),
+    ("hizoo", False),
+    ("hizoo", True),
+    ("lozo", False),
+    ("lozo", True),
+]
+
+
+@dataclass
+class Spec:
+    task: str
+    method: str
+    tuned: bool
+    lr: float
+    seed: int
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return self.method + ("+tuner" if self.tuned else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}.{self.label}.lr{self.lr:g}.s{self.seed}.n{self.steps}"
+
+
+def run_one(spec: Spec, args, budget: dict) -> dict:
+    """One fine-tuning run through the same code path as the ``finetune`` CLI."""
+    path = args.out / "runs" / f"{spec.name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from finetune.cli import build_parser, setup
+
+    argv = [
+        "--model",
+        args.model,
+        "--task",
+        spec.task,
+        "--method",
+        spec.method,
+        "--tuner",
+        args.tuner if spec.tuned else "none",
+        "--lr",
+        str(spec.lr),
+        "--steps",
+        str(spec.steps),
+        "--seed",
+        str(spec.seed),
+        "--batch-size",
+        str(budget["batch"]),
+        "--eval-examples",
+        str(budget["n_eval"]),
+        "--output",
+        str(args.out / "work" / spec.name),
+        "--checkpoint-every",
+        "0",
+        "--accelerator",
+        args.accelerator,
+    ]
+    if not args.progress:
+        argv.append("--no-progress")
+    run = setup(build_parser().parse_args(argv))
+    results = run.fit()
+    results["spec"] = spec.__dict__
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return results
+
+
+def first_order_run(task_name: str, args, budget: dict, lr: float = 1e-5) -> dict:
+    """AdamW fine-tuning of all weights for context (backprop: activations + 2 moments)."""
+    path = args.out / "runs" / f"{task_name}.adamw.lr{lr:g}.s0.n{budget['steps']}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    from finetune.models import load_model
+    from finetune.run import batch_indices, peak_memory_bytes
+    from finetune.tasks import evaluate, load_task, loss_batch
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    task = load_task(task_name, seed=0)
+    test = task.test[: budget["n_eval"]]
+    before = evaluate(model, tok, test, progress=args.progress)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses, start = [], time.perf_counter()
+    for step in range(budget["steps"]):
+        idx = batch_indices(step, len(task.train), budget["batch"], 0)
+        loss = model(**loss_batch([task.train[i] for i in idx], tok)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    wall = time.perf_counter() - start
+    results = dict(
+        config=dict(lr=lr, method="adamw"),
+        train_loss=losses,
+        eval_before=before,
+        eval_after=evaluate(model, tok, test, progress=args.progress),
+        wall_time_s=wall,
+        peak_memory_bytes=peak_memory_bytes(next(model.parameters()).device),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return results
+
+
+def final_loss(results: dict) -> float:
+    losses = results["train_loss"]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def steps_to_reach(results: dict, target: float) -> int | None:
+    """First step whose 10-step running mean of the train loss is <= target."""
+    losses = results["train_loss"]
+    for i in range(len(losses)):
+        window = losses[max(0, i - 9) : i + 1]
+        if sum(window) / len(window) <= target:
+            return i + 1
+    return None
+
+
+def select_lr(task: str, method: str, tuned: bool, args, budget) -> float:
+    best = None
+    for lr in budget["lrs"]:
+        r = run_one(Spec(task, method, tuned, lr, 0, budget["select_steps"]), args, budget)
+        key = (-r["eval_after"]["accuracy"], final_loss(r))
+        if best is None or key < best[0]:
+            best = (key, lr)
+    return best[1]
+
+
+def summarise(all_runs: dict, args, budget, wall: float) -> str:
+    lines = [
+        f"# Quality benchmark ({args.budget} budget)",
+        "",
+        f"model {args.model}; tuner {args.tuner}; tasks {', '.join(args.tasks)}; "
+        f"{budget['steps']} steps, batch {budget['batch']}, seeds {budget['seeds']}; "
+        f"machine {platform.machine()} {platform.node()}; wall time {wall / 60:.1f} min",
+        "",
+        "| task | method | lr | final train loss | test acc (before -> after) | steps to MeZO's final loss | s/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    wins, pairs, diffs = 0, 0, []
+    for task in args.tasks:
+        mezo = all_runs[(task, "mezo")]
+        target = statistics.mean(final_loss(r) for r in mezo)
+        for label, runs in ((lbl, rs) for (t, lbl), rs in all_runs.items() if t == task):
+            fl = [final_loss(r) for r in runs]
+            acc0 = statistics.mean(r["eval_before"]["accuracy"] for r in runs)
+            acc = [r["eval_after"]["accuracy"] for r in runs]
+            reach = [steps_to_reach(r, target) for r in runs]
+            reach_s = "/".join("-" if s is None else str(s) for s in reach)
+            sps = statistics.mean(r["wall_time_s"] / max(1, len(r["train_loss"])) for r in runs)
+            mem = max(r.get("peak_memory_bytes", 0) for r in runs) / 2**20
+            lines.append(
+                f"| {task} | {label} | {runs[0]['config']['lr']:g} | {statistics.mean(fl):.4f} ± {statistics.pstdev(fl):.4f} | "
+                f"{acc0:.3f} -> {statistics.mean(acc):.3f} ± {statistics.pstdev(acc):.3f} | {reach_s} | {sps:.2f} | {mem:.0f} |"
+            )
+        for i in range(len(budget["seeds"])):
+            finals = {lbl: final_loss(rs[i]) for (t, lbl), rs in all_runs.items() if t == task}
+            best = min(finals, key=finals.get)
+            pairs += 1
+            wins += best.endswith("+tuner")
+            diffs.append(
+                all_runs[(task, "mezo+tuner")][i]["eval_after"]["accuracy"]
+                - all_runs[(task, "mezo")][i]["eval_after"]["accuracy"]
+            )
+    lines += [
+        "",
+        f"Tuner variant has the lowest final loss in {wins}/{pairs} (task, seed) pairs "
+        f"({100 * wins / max(1, pairs):.1f}%; paper: 82.1%).",
+        f"Mean test-accuracy difference MeZO+tuner - MeZO: {100 * statistics.mean(diffs):+.1f} points "
+        "(paper: +2.5).",
+    ]
+    return "\n".join(lines)
+
+
+def plot(all_runs: dict, args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], args.tasks, strict=True):
+        for (t, label), runs in all_runs.items():
+            if t != task:
+                continue
+            n = min(len(r["train_loss"]) for r in runs)
+            mean = [statistics.mean(r["train_loss"][i] for r in runs) for i in range(n)]
+            ax.plot(
+                range(1, n + 1), mean, label=label, linestyle="--" if "+tuner" in label else "-"
+            )
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (mean over seeds)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "loss_curves.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tuner", default="smollm2-135m")
+    p.add_argument(
+        "--tasks", default="movie-reviews,amazon-reviews", help="tasks the tuner never saw"
+    )
+    p.add_argument("--methods", default=",".join(m + ("+tuner" if t else "") for m, t in METHODS))
+    p.add_argument("--seeds", help="override the budget's seeds, e.g. 0,1")
+    p.add_argument("--steps", type=int, help="override the budget's steps")
+    p.add_argument("--lr", type=float, help="skip the selection and use this lr for every method")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--no-first-order",
+        dest="first_order",
+        action="store_false",
+        help="skip the AdamW context rows",
+    )
+    args = p.parse_args(argv)
+    args.tasks = args.tasks.split(",")
+    budget = dict(BUDGETS[args.budget])
+    if args.seeds:
+        budget["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.steps:
+        budget["steps"] = args.steps
+    methods = [(m.split("+")[0], m.endswith("+tuner")) for m in args.methods.split(",")]
+    start = time.perf_counter()
+    all_runs: dict = {}
+    for method, tuned in methods:
+        lr = args.lr or select_lr(args.tasks[0], method, tuned, args, budget)
+        for task in args.tasks:
+            label = method + ("+tuner" if tuned else "")
+            all_runs[(task, label)] = [
+                run_one(Spec(task, method, tuned, lr, seed, budget["steps"]), args, budget)
+                for seed in budget["seeds"]
+            ]
+    text = summarise(all_runs, args, budget, time.perf_counter() - start)
+    if args.first_order:
+        rows = [
+            "",
+            "First-order context (AdamW, all weights, seed 0; peak memory is this process's "
+            "peak RSS, which also holds the ZO runs before it):",
+            "",
+            "| task | method | lr | final train loss | test acc (before -> after) | s/step | peak MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for task in args.tasks:
+            r = first_order_run(task, args, budget)
+            rows.append(
+                f"| {task} | adamw | {r['config']['lr']:g} | {final_loss(r):.4f} | "
+                f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f} | "
+                f"{r['wall_time_s'] / len(r['train_loss']):.2f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
+            )
+        text += "\n" + "\n".join(rows)
+    (args.out / "summary.md").write_text(text + "\n")
+    plot(all_runs, args)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

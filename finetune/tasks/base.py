@@ -1,0 +1,132 @@
+"""Task data structures and the sampling rules shared by every task source.
+
+Continuations are appended verbatim to the prompt, so templates put the separating space at the
+start of the continuation (``" great"``), which keeps BPE tokenisation of ``prompt`` followed
+by ``continuation`` the same as tokenising them one after the other.
+
+Sampling (MeZO: 1000 train / 500 dev / 1000 test per task):
+
+* train and dev are drawn with ``seed`` from one training pool, so different seeds see
+  different training data;
+* test is drawn with the fixed :data:`TEST_SEED` whatever ``seed`` is, so every run of a task is
+  scored on the same examples and differences between runs come from training only.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+Kind = Literal["classification", "generation"]
+SPLITS = ("train", "dev", "test")
+TEST_SEED = 0
+ANSWER_END = "\n"  # generation targets end with a newline; decoding stops there
+T = TypeVar("T")
+
+
+class TaskError(ValueError):
+    """A task name, file or row that cannot be used; the message says what to do."""
+
+
+@dataclass
+class Example:
+    """One prompt with either candidate continuations (classification) or a target answer.
+
+    Classification: ``candidates`` are the continuations and ``answer`` the gold index.
+    Generation: ``candidates`` is None, ``answer`` the target continuation used for training
+    and ``references`` every acceptable answer for the metric (defaults to ``[answer]``).
+    """
+
+    prompt: str
+    candidates: list[str] | None
+    answer: str | int
+    references: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.candidates is not None:
+            if not self.candidates or not isinstance(self.answer, int):
+                raise TaskError(
+                    f"a classification example needs candidates and an int answer, got "
+                    f"candidates={self.candidates!r} answer={self.answer!r}"
+                )
+            if not 0 <= self.answer < len(self.candidates):
+                raise TaskError(
+                    f"answer index {self.answer} is out of range for {len(self.candidates)} "
+                    f"candidates {self.candidates!r}"
+                )
+        elif not isinstance(self.answer, str):
+            raise TaskError(f"a generation example needs a str answer, got {self.answer!r}")
+        elif not self.references:
+            self.references = [self.answer]
+
+    @property
+    def kind(self) -> Kind:
+        return "generation" if self.candidates is None else "classification"
+
+    @property
+    def target(self) -> str:
+        """The gold continuation: the gold candidate, or the answer text."""
+        if self.candidates is None:
+            return str(self.answer)
+        return self.candidates[int(self.answer)]
+
+
+@dataclass
+class Task:
+    """A named task with its three splits; ``metric`` is a key of ``evaluate()``'s result."""
+
+    name: str
+    kind: Kind
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    metric: str
+    description: str = ""
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)
+        return f"Task({self.name!r}, {self.kind}, {sizes}, metric={self.metric!r})"
+
+    def split(self, name: str) -> list[Example]:
+        """``train``, ``dev`` (alias ``validation``) or ``test``."""
+        name = "dev" if name == "validation" else name
+        if name not in SPLITS:
+            raise TaskError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def check_sizes(n_train: int, n_dev: int, n_test: int) -> None:
+    for key, value in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test)):
+        if value < 0:
+            raise TaskError(f"{key} must be >= 0, got {value}")
+
+
+def subsample(items: Sequence[T], n: int, rng: random.Random) -> list[T]:
+    """``n`` items drawn without replacement (all of them, shuffled, if there are fewer)."""
+    return rng.sample(list(items), min(n, len(items)))
+
+
+def train_dev_from_pool(
+    pool: Sequence[T], n_train: int, n_dev: int, seed: int
+) -> tuple[list[T], list[T]]:
+    """MeZO's rule: draw train and dev, disjoint, from one pool with ``seed``.
+
+    When the pool is smaller than ``n_train + n_dev`` (CB has 250 training rows, COPA 400),
+    dev gets ``min(n_dev, len(pool) // 4)`` examples and train the rest (at most ``n_train``).
+    """
+    items = subsample(pool, n_train + n_dev, random.Random(f"{seed}:train"))
+    if len(items) < n_train + n_dev:
+        n_dev = min(n_dev, len(items) // 4)
+    return items[n_dev : n_dev + n_train], items[:n_dev]
+
+
+def draw_test(pool: Sequence[T], n_test: int) -> list[T]:
+    """The test subset: drawn with :data:`TEST_SEED`, independent of the run's seed."""
+    return subsample(pool, n_test, random.Random(f"{TEST_SEED}:test"))
+
+
+def with_space(text: str) -> str:
+    """``text`` with one leading space unless it already starts with whitespace."""
+    return text if text[:1].isspace() else " " + text
