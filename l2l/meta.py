@@ -24,7 +24,7 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, block_features
 from l2l.methods.base import normalisation
-from l2l.perturb import Perturber, chunk_shape, chunk_view, gaussian_chunk, row_chunks
+from l2l.perturb import Perturber, chunk_view, param_chunk_z, row_chunks
 
 
 @dataclass
@@ -48,9 +48,7 @@ class MetaStepOutput:
 
 
 def _z(blocks: ParamBlocks, seed: int, b: int, c: int) -> torch.Tensor:
-    p = blocks.params[b]
-    r0, r1 = row_chunks(p.shape)[c]
-    return gaussian_chunk(seed, b, c, chunk_shape(p, r0, r1), p.device)
+    return param_chunk_z(seed, b, c, blocks.params[b])
 
 
 @torch.no_grad()

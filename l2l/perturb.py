@@ -93,6 +93,12 @@ def chunk_shape(param: torch.Tensor, r0: int, r1: int) -> tuple[int, ...]:
     return tuple(param.shape) if param.ndim == 0 else (r1 - r0, *param.shape[1:])
 
 
+def param_chunk_z(step_seed: int, block: int, chunk: int, param: torch.Tensor) -> torch.Tensor:
+    """z for chunk ``chunk`` of block ``block`` (whose tensor is ``param``)."""
+    r0, r1 = row_chunks(param.shape)[chunk]
+    return gaussian_chunk(step_seed, block, chunk, chunk_shape(param, r0, r1), param.device)
+
+
 def gaussian_block(step_seed: int, block: int, param: torch.Tensor) -> torch.Tensor:
     """The whole z of one block (concatenated chunks). Used by the plain reference code."""
     parts = [

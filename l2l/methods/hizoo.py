@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
-from l2l.perturb import chunk_shape, chunk_view, gaussian_chunk, row_chunks
+from l2l.perturb import chunk_view, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12
@@ -60,9 +60,7 @@ class HiZOO(ZOOptimizer):
             self.state[p]["hessian"] = torch.ones_like(p, dtype=torch.float32)
 
     def _z(self, seed: int, block: int, chunk: int):
-        p = self.blocks.params[block]
-        r0, r1 = row_chunks(p.shape)[chunk]
-        return gaussian_chunk(seed, block, chunk, chunk_shape(p, r0, r1), p.device)
+        return param_chunk_z(seed, block, chunk, self.blocks.params[block])
 
     def _hessian(self, block: int, chunk: int) -> torch.Tensor:
         p = self.blocks.params[block]

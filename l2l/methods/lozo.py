@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.perturb import chunk_shape, gaussian_chunk, mix_seed, row_chunks
+from l2l.perturb import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
 
 _V_STREAM = 0x56  # "V"
 
@@ -76,7 +76,7 @@ class LOZO(ZOOptimizer):
         p = self.blocks.params[block]
         r0, r1 = row_chunks(p.shape)[chunk]
         if not self._is_matrix(block):
-            return gaussian_chunk(seed, block, chunk, chunk_shape(p, r0, r1), p.device)
+            return param_chunk_z(seed, block, chunk, p)
         return gaussian_chunk(seed, block, chunk, (r1 - r0, self.group["rank"]), p.device)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:

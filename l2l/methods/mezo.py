@@ -9,16 +9,14 @@ z is regenerated from the step seed for each forward and for the update, never s
 from __future__ import annotations
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.perturb import chunk_shape, gaussian_chunk, row_chunks
+from l2l.perturb import param_chunk_z
 
 
 class ZOSGD(ZOOptimizer):
     """MeZO. See :class:`l2l.methods.base.ZOOptimizer` for the arguments."""
 
     def _z(self, seed: int, block: int, chunk: int):
-        p = self.blocks.params[block]
-        r0, r1 = row_chunks(p.shape)[chunk]
-        return gaussian_chunk(seed, block, chunk, chunk_shape(p, r0, r1), p.device)
+        return param_chunk_z(seed, block, chunk, self.blocks.params[block])
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
         return self._z(ctx.seed, block, chunk)

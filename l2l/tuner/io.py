@@ -16,10 +16,22 @@ from safetensors.torch import save_file
 from l2l.tuner.config import ARTIFACT_FILES, TunerFormatError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_tree(folder: Path) -> None:
+    """fsync every file and give the tree ordinary permissions (mkdtemp and some writers use
+    0700/0600, which would make a published tuner private)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
     for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _swap_into_place(staged: Path, target: Path) -> None:
