@@ -7,6 +7,14 @@
 ``--model`` defaults to the tuner's base model. ``--tuner`` takes a folder, a name in the local
 zoo, a bundled tuner, a registry name or a Hub repo id (``tuner-zoo list`` shows them), or
 ``none`` for the plain method. Results go to ``--output`` (see ``finetune.run``).
+
+Data parallel on N devices (same step seed everywhere, a few bytes of losses all-reduced per
+step; results identical to one process on the same global ``--batch-size``)::
+
+    finetune --model tiny-llama --task tweets --strategy ddp --devices 2 --accelerator cpu
+
+Exit status: 0 done, 2 an error the message explains (nothing written is left half-written),
+130 interrupted (continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -130,13 +138,29 @@ def _apply_peft(model, r: int):
     )
 
 
+def _check_output(fabric, output: Path) -> None:
+    """Rank 0 proves ``output`` writable before any expensive work; every rank learns the verdict."""
+    from finetune.io import OutputError, check_writable
+
+    message = None
+    if fabric.global_rank == 0:
+        try:
+            check_writable(output)
+        except OutputError as e:
+            message = str(e)
+    if fabric.world_size > 1:
+        message = fabric.broadcast(message, src=0)
+    if message:
+        raise OutputError(message)
+
+
 def setup(args):
     """Resolve tuner, model, task and optimizer; returns a ready :class:`finetune.run.Run`."""
     import torch
 
     from finetune.model_ids import offline_name
     from finetune.models import load_model
-    from finetune.run import Run, make_optimizer
+    from finetune.run import LossAllReduce, Run, make_optimizer
     from finetune.tasks import load_task
 
     tuner, tuner_info, defaults = None, None, {}
@@ -152,6 +176,11 @@ def setup(args):
     if model_name is None:
         raise SystemExit("finetune: pass --model (or a --tuner, whose base model is then used)")
     fabric = _fabric(args)
+    if args.batch_size < fabric.world_size:
+        raise ValueError(
+            f"--batch-size {args.batch_size} is the global batch: it needs at least one example "
+            f"per rank ({fabric.world_size} ranks)"
+        )
     cfg = RunConfig(
         model=model_name,
         task=args.task,
@@ -182,6 +211,7 @@ def setup(args):
     task = load_task(
         args.task, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test
     )
+    _check_output(fabric, args.output.expanduser())  # before the (possibly large) model loads
     model, tokenizer = load_model(
         model_name, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
@@ -197,9 +227,7 @@ def setup(args):
 
         tuner.check_compatible(ParamBlocks.from_module(model), model_id=model_name)
         tuner = tuner.to(fabric.device)
-    reduce = None
-    if fabric.world_size > 1:
-        reduce = lambda t: fabric.all_reduce(t.to(fabric.device), reduce_op="mean").cpu()  # noqa: E731
+    reduce = LossAllReduce(fabric) if fabric.world_size > 1 else None
     with torch.no_grad():
         opt = make_optimizer(cfg, model, tuner, loss_reduce=reduce)
     return Run(
@@ -240,6 +268,8 @@ def _report(results: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from l2l import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     if args.list_tasks:
         from finetune.tasks import describe_tasks
@@ -257,6 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except NonFiniteLossError as e:
+        print(
+            f"finetune: error: {e} Progress up to the failed step is saved in {args.output} "
+            "(see --on-nonfinite).",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2

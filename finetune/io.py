@@ -14,7 +14,10 @@ class OutputError(OSError):
     """The output folder cannot be written (permissions, disk full, not a folder)."""
 
 
-def _explain(path: Path, err: OSError) -> OutputError:
+def explain_write_error(path: Path, err: OSError) -> OutputError:
+    """An :class:`OutputError` that names ``path`` and says what to do about ``err``."""
+    if isinstance(err, OutputError):
+        return err
     if err.errno == errno.ENOSPC:
         why = "no space left on the device"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -40,7 +43,7 @@ def check_writable(folder: Path) -> None:
     except OutputError:
         raise
     except OSError as e:
-        raise _explain(folder, e) from e
+        raise explain_write_error(folder, e) from e
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -57,7 +60,7 @@ def write_json(path: Path, data: Any) -> None:
     except OSError as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        raise _explain(path, e) from e
+        raise explain_write_error(path, e) from e
 
 
 def read_json(path: Path, what: str) -> Any:

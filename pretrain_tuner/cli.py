@@ -9,6 +9,11 @@ Lightning checkpoints in ``--output/checkpoints`` and CSV (and TensorBoard, when
 ``--output/logs``; ``--resume`` continues from the last checkpoint there. The tuner registers
 itself in the local zoo under ``--name`` (default: the output folder's name), so
 ``finetune --tuner NAME`` finds it.
+
+Data parallel: ``--strategy ddp --devices N`` (each rank meta-trains on its own minibatches; L+
+and L- are all-reduced, and DDP averages the gradients of the meta-step's two backward passes).
+On CPU this runs on the gloo backend: ``--accelerator cpu --devices 2 --strategy ddp``.
+Large models (13B) and FSDP: see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import importlib.util
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,9 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.ckpt"
     )
     g.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument(
+        "--log-every", type=int, default=1, help="log metrics (logs/metrics.csv) every N steps"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     return p
+
+
+def _keep_csv_rows(output: Path):
+    """A callback that, on --resume, keeps the logged rows of the steps before the checkpoint
+    (Lightning's CSVLogger deletes ``logs/metrics.csv`` when it starts)."""
+    import csv
+
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    path = output / "logs" / "metrics.csv"
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not")
+
+    class KeepCSVRows(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            keep = [r for r in rows if r.get("step", "").isdigit()]
+            keep = [r for r in keep if int(r["step"]) < trainer.global_step]
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger) and trainer.is_global_zero:
+                    old = [{k: v for k, v in r.items() if v != ""} for r in keep]
+                    logger.experiment.metrics[:0] = old
+
+    return KeepCSVRows()
 
 
 def _loggers(output: Path):
@@ -115,12 +150,49 @@ def _loggers(output: Path):
     return loggers
 
 
+def _quiet_lightning() -> None:
+    """Silence two Lightning warnings that do not apply to meta-training."""
+    # the checkpoint holds the state after the step, which is what --resume needs
+    warnings.filterwarnings(
+        "ignore", message=r"Using ModelCheckpoint with manual optimization", category=UserWarning
+    )
+    # the base model is kept in eval mode on purpose (no dropout: losses must be deterministic)
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning
+    )
+
+
+def _strategy(name: str):
+    """``ddp`` -> DDP that tolerates the meta-step's two backward passes over disjoint params."""
+    if name.startswith(("fsdp", "deepspeed")):
+        raise ValueError(
+            f"--strategy {name} is not supported yet: the meta-step perturbs and reads whole "
+            "parameter tensors, which sharded strategies replace by shards. Use --strategy ddp "
+            "(a 13B model fits one 80 GB GPU per rank in bf16 with --lr-model 0); see "
+            "docs/distributed.md for the FSDP plan"
+        )
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # 1st backward (meta-loss) reaches only the base model, 2nd (surrogate) only the tuner;
+        # bucket views: no second copy of the model's gradients (matters for a 13B model)
+        return DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True)
+    return name
+
+
 def _trainer(args, output: Path):
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    if str(precision).startswith("16"):
+        raise ValueError(
+            f"--precision {precision} is not supported: the meta-gradient is "
+            "built from the model's gradients, which fp16 loss scaling would scale twice; use "
+            "bf16-mixed or 32-true"
+        )
+    _quiet_lightning()
     callbacks = [
         ModelCheckpoint(
             dirpath=output / "checkpoints",
@@ -132,12 +204,14 @@ def _trainer(args, output: Path):
     ]
     if not args.no_progress:
         callbacks.append(RichProgressBar())
+    if args.resume:
+        callbacks.append(_keep_csv_rows(output))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     return L.Trainer(
         accelerator=args.accelerator,
         devices=devices,
         num_nodes=args.num_nodes,
-        strategy=args.strategy,
+        strategy=_strategy(args.strategy),
         precision=precision,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
@@ -197,7 +271,8 @@ def run(args) -> Path:
     output = args.output.expanduser().resolve()
     ckpt = output / "checkpoints" / "last.ckpt"
     if args.resume and not ckpt.exists():
-        raise SystemExit(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
+    trainer = _trainer(args, output)  # checks the settings before the model loads
     model, tokenizer = load_model(
         args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
@@ -235,7 +310,6 @@ def run(args) -> Path:
         seed=args.seed,
         max_length=args.max_length,
     )
-    trainer = _trainer(args, output)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if args.resume else None)
     if trainer.global_rank != 0:
@@ -244,6 +318,10 @@ def run(args) -> Path:
     tuner.config.metrics = dict(
         metrics, steps=trainer.global_step, wall_time_s=round(time.perf_counter() - start, 1)
     )
+    if trainer.world_size > 1:
+        tuner.config.metrics.update(
+            world_size=trainer.world_size, replicas_identical=module.replicas_match
+        )
     tuner.save_pretrained(output)
     _publish(args, output, tuner)
     return output
@@ -266,8 +344,13 @@ def _publish(args, output: Path, tuner) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 2 an error the message explains."""
     args = build_parser().parse_args(argv)
-    run(args)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"pretrain-tuner: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,6 +5,14 @@ meta-gradient in the tuner and dL/dtheta in the base model; the tuner takes an S
 base model a first-order SGD-with-momentum step, so the tuner sees the states a fine-tuning run
 visits. Every ``reset_every`` epochs the base model goes back to its initial weights (ZO
 Fine-tuner's reset; the ablation shows it matters).
+
+Both take their step from one SGD optimizer with two parameter groups: Lightning counts every
+``optimizer.step()`` of a manual-optimization module as a global step, so two optimizers
+would make ``max_steps``, the step seeds and the checkpoint/log intervals count twice.
+
+Data parallel (DDP): each rank gets its own minibatches; L+ and L- are all-reduced (mean) so
+that ``g``, the look-ahead and the tuner inputs are the same on every rank, and DDP averages
+the gradients of both backward passes, so every rank applies the same updates.
 """
 
 from __future__ import annotations
@@ -47,21 +55,26 @@ class MetaTunerModule(L.LightningModule):
         # theta_0 for the periodic resets (kept on the CPU, never trained)
         self._initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         self.meta_state = MetaState()
+        self.replicas_match: bool | None = None  # set after data-parallel training
 
     def configure_optimizers(self):
         hp = self.hparams
-        tuner_opt = torch.optim.SGD(self.tuner.parameters(), lr=hp.lr_tuner)
-        model_opt = torch.optim.SGD(self.blocks.params, lr=hp.lr_model, momentum=hp.momentum)
-        return [tuner_opt, model_opt]
+        groups = [dict(params=list(self.tuner.parameters()), lr=hp.lr_tuner, momentum=0.0)]
+        if hp.lr_model > 0:
+            groups.append(dict(params=self.blocks.params, lr=hp.lr_model, momentum=hp.momentum))
+        return torch.optim.SGD(groups, lr=hp.lr_tuner)
 
     def _loss(self, batch):
-        return self.model(**batch).loss
+        loss = self.model(**batch).loss
+        if not torch.is_grad_enabled() and self.trainer.world_size > 1:
+            # meta_step's L+ and L- (its only no-grad calls): the same g on every rank
+            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        return loss
 
     def training_step(self, batch, batch_idx: int):
         hp = self.hparams
-        tuner_opt, model_opt = self.optimizers()
-        tuner_opt.zero_grad()
-        model_opt.zero_grad()
+        opt = self.optimizers()
+        opt.zero_grad()
         out = meta_step(
             self.model,
             self.blocks,
@@ -74,15 +87,12 @@ class MetaTunerModule(L.LightningModule):
             normalize=hp.normalize,
             backward=self.manual_backward,
         )
-        if hp.grad_clip:
-            self.clip_gradients(
-                tuner_opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm"
-            )
-        tuner_opt.step()
-        if hp.lr_model > 0:
-            model_opt.step()
+        if hp.grad_clip:  # the tuner's gradient only (the model group is not clipped)
+            torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), hp.grad_clip)
+        opt.step()
         self.meta_state = advance_state(self.meta_state, out)
-        self.log("meta_loss", out.meta_loss.float(), prog_bar=True, on_step=True)
+        sync = self.trainer.world_size > 1
+        self.log("meta_loss", out.meta_loss.float(), prog_bar=True, on_step=True, sync_dist=sync)
         self.log_dict(
             {
                 "loss_plus": out.loss_plus,
@@ -95,6 +105,10 @@ class MetaTunerModule(L.LightningModule):
         )
         return out.meta_loss
 
+    def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:  # every rank is here: a safe place for a collective
+            self.replicas_match = self.replicas_identical()
+
     def on_train_epoch_start(self) -> None:
         every = self.hparams.reset_every
         if every and self.current_epoch > 0 and self.current_epoch % every == 0:
@@ -104,9 +118,25 @@ class MetaTunerModule(L.LightningModule):
     def reset_model(self) -> None:
         """Back to theta_0, momentum cleared, tuner state back to sigma = 1 and losses 0."""
         self.model.load_state_dict(self._initial)
-        _, model_opt = self.optimizers()
-        model_opt.optimizer.state.clear()
+        state = self.optimizers().optimizer.state
+        for p in self.blocks.params:
+            state.pop(p, None)  # momentum buffers
         self.meta_state = MetaState()
+
+    @torch.no_grad()
+    def replicas_identical(self) -> bool:
+        """Whether all ranks hold the same tuner and model: float64 sum and sum of squares of
+        each tensor, whose all-reduce max and min agree only when all ranks agree."""
+        params = list(self.tuner.parameters()) + self.blocks.params
+        local = torch.stack(
+            [torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]
+        )
+        reduce = self.trainer.strategy.reduce
+        return bool(
+            torch.equal(
+                reduce(local.clone(), reduce_op="max"), reduce(local.clone(), reduce_op="min")
+            )
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         s = self.meta_state

@@ -1,0 +1,184 @@
+"""Data-parallel ZO with 2 CPU processes (gloo), against one process on the same global batch.
+
+``finetune --strategy ddp --devices 2``: every rank uses the step's seed, computes its losses on
+its shard of the global batch and all-reduces them (24 bytes a step for HiZOO), so the weights
+after k steps match a single-process run, resumed or not. ``pretrain-tuner`` runs under
+Lightning's DDP. The processes are real (Lightning launches rank 1 itself), so these tests take
+a few tens of seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.cli import main as finetune
+from finetune.models import load_model
+from l2l import Trajectory
+from l2l.blocks import ParamBlocks
+from l2l.tuner import Tuner
+
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A task whose answers differ in token count (so shards hold unequal token counts) and a
+    tuner for tiny-llama with sigmas far from 1."""
+    root = tmp_path_factory.mktemp("ddp")
+    task = root / "answers.jsonl"
+    labels = ["yes", "absolutely not at all"]
+    with task.open("w") as f:
+        for i in range(60):
+            text = f"Question {i}: is the number {i} even?" + " Think." * (i % 4)
+            f.write(json.dumps({"text": text, "label": labels[i % 2]}) + "\n")
+    model, _ = load_model("tiny-llama")
+    tuner = Tuner.for_blocks(ParamBlocks.from_module(model), "l2l/tiny-llama", seed=3)
+    with torch.no_grad():
+        tuner.b2.copy_(torch.linspace(0.5, 2.0, tuner.num_blocks))
+    tuner.save_pretrained(root / "tuner")
+    return {"task": task, "tuner": root / "tuner", "root": root}
+
+
+def finetune_args(files: dict[str, Path], out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--model", "tiny-llama",
+        "--task", str(files["task"]),
+        "--tuner", str(files["tuner"]),
+        "--method", "hizoo",
+        "--output", str(out),
+        "--steps", str(steps),
+        "--batch-size", "5",  # shards of 3 and 2 examples
+        "--n-train", "40",
+        "--n-test", "6",
+        "--eval-examples", "5",
+        "--lr", "1e-3",
+        "--save-model",
+        "--accelerator", "cpu",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def launch(module: str, argv: list[str], home: Path) -> str:
+    """``python -m module argv`` with its own process group (killed whole on a timeout)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", L2L_HOME=str(home), HF_HUB_OFFLINE="1")
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the rank it started
+        output, _ = proc.communicate()
+        pytest.fail(f"{module} did not finish in {TIMEOUT_S} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def assert_same_weights(ddp: Path, single: Path) -> None:
+    a, b = (
+        load_file(str(ddp / "model" / "model.safetensors")),
+        load_file(str(single / "model" / "model.safetensors")),
+    )
+    initial = load_model("tiny-llama")[0].state_dict()
+    assert a.keys() == b.keys()
+    moved = max(float((b[k] - initial[k]).abs().max()) for k in b)
+    assert moved > 100 * 2e-5, "the reference run barely moved: the comparison would be vacuous"
+    for name in a:  # float32 reductions in another order: equal up to rounding
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=2e-5, msg=name)
+
+
+def assert_ddp_results(out: Path, steps: int, reference: dict) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "finished" and results["steps_done"] == steps
+    assert results["replicas_identical"] is True
+    comm = results["communication"]
+    assert comm["world_size"] == 2 and comm["all_reduces_per_step"] == 1
+    assert comm["payload_bytes_per_step"] == 24  # HiZOO: L0, L+, L- as float64
+    assert results["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+    assert results["eval_after"]["n"] == reference["eval_after"]["n"] == 5  # sharded 3 + 2
+    assert results["eval_after"]["accuracy"] == reference["eval_after"]["accuracy"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model", "results.json", "state.json", "trajectory.json"]  # no temp files
+    return results
+
+
+def test_two_processes_match_one_and_resume(files, tmp_path):
+    """2 steps on 2 ranks == 2 steps in 1 process; resumed to 4 on 2 ranks == 4 in 1 process."""
+    single2, single4, ddp = tmp_path / "single2", tmp_path / "single4", tmp_path / "ddp"
+    assert finetune(finetune_args(files, single2, 2)) == 0
+    assert finetune(finetune_args(files, single4, 4)) == 0
+    ref2, ref4 = (json.loads((d / "results.json").read_text()) for d in (single2, single4))
+
+    ddp_flags = ("--devices", "2", "--strategy", "ddp")
+    launch("finetune.cli", finetune_args(files, ddp, 2, *ddp_flags), tmp_path / "home")
+    assert_ddp_results(ddp, 2, ref2)
+    assert_same_weights(ddp, single2)
+
+    output = launch(
+        "finetune.cli", finetune_args(files, ddp, 4, *ddp_flags, "--resume"), tmp_path / "home"
+    )
+    assert output.count("results in") == 1  # only rank 0 reports
+    assert_ddp_results(ddp, 4, ref4)
+    assert_same_weights(ddp, single4)
+    records = Trajectory.load(ddp / "trajectory.json").records
+    reference = Trajectory.load(single4 / "trajectory.json").records
+    assert [r.seed for r in records] == [r.seed for r in reference]
+    assert [r.grad for r in records] == pytest.approx([r.grad for r in reference], rel=1e-3)
+
+
+class RankOneOfTwo:
+    """Stands in for Lightning Fabric on rank 1 of 2 (collectives return the local value)."""
+
+    global_rank, world_size, device = 1, 2, torch.device("cpu")
+
+    def all_reduce(self, tensor, reduce_op="mean"):
+        return tensor
+
+    def broadcast(self, obj, src=0):
+        return None  # rank 0's verdict: the output folder is writable
+
+
+def test_other_ranks_write_nothing(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("finetune.cli._fabric", lambda args: RankOneOfTwo())
+    out = tmp_path / "out"
+    assert finetune(finetune_args(files, out, 2, "--checkpoint-every", "1")) == 0
+    assert not out.exists()
+    assert "results in" not in capsys.readouterr().out
+
+
+def test_pretrain_tuner_under_ddp(files, tmp_path):
+    out = tmp_path / "tuner"
+    argv = ["--model", "tiny-llama", "--tasks", str(files["task"]), "--output", str(out)]
+    argv += ["--max-steps", "2", "--batch-size", "4", "--n-train", "32", "--name", "none"]
+    argv += ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress"]
+    launch("pretrain_tuner.cli", argv, tmp_path / "home")
+    metrics = json.loads((out / "config.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert metrics["replicas_identical"] is True  # tuner and model, checked across ranks
+    Tuner.load_folder(out)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2

@@ -1,0 +1,178 @@
+"""End to end: ``pretrain-tuner`` meta-trains a tuner for tiny-llama, in process.
+
+The tuner it writes reloads, attaches to every ZO method and to ``finetune`` (by folder, by
+local zoo name and from a loopback Hub after ``--push-to-hub``); ``--resume`` continues the
+global step from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import HubServer, set_offline
+from safetensors.torch import load_file
+
+from finetune.cli import main as finetune
+from finetune.models import load_model
+from l2l import LOZO, ZOSGD, HiZOO
+from l2l.blocks import ParamBlocks
+from l2l.tuner import ARTIFACT_FILES, Tuner
+from pretrain_tuner.cli import main
+from tuner_zoo.resolve import resolve_tuner
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Width-32 models: thread start-up costs more than it saves, and CI cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
+    with path.open("w") as f:
+        for i in range(40):
+            label = "good" if i % 2 else "bad"
+            f.write(json.dumps({"text": f"Review {i} says it was {label}.", "label": label}) + "\n")
+    return path
+
+
+def pretrain_args(task: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:
+    return [
+        "--model", "tiny-llama",
+        "--tasks", str(task),
+        "--output", str(out),
+        "--max-steps", str(steps),
+        "--batch-size", "4",
+        "--n-train", "24",
+        "--lr-update", "1e-3",
+        "--checkpoint-every", "1",
+        "--accelerator", "cpu",
+        "--devices", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, task_file) -> tuple[Path, Path]:
+    """(tuner folder, L2L_HOME) of one 3-step meta-training run, registered as 'tiny-meta'."""
+    root = tmp_path_factory.mktemp("pretrain")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("L2L_HOME", str(root / "l2l-home"))
+        assert main(pretrain_args(task_file, root / "tuner", "--name", "tiny-meta")) == 0
+    return root / "tuner", root / "l2l-home"
+
+
+def csv_steps(out: Path) -> list[int]:
+    with (out / "logs" / "metrics.csv").open(newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("meta_loss")]
+
+
+def checkpoint_step(out: Path) -> int:
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return int(ckpt["global_step"])
+
+
+def test_writes_tuner_checkpoint_and_logs(trained):
+    out, _ = trained
+    for name in ARTIFACT_FILES:
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_model"] == "l2l/tiny-llama"
+    assert config["metrics"]["steps"] == 3  # one global step per meta-step
+    assert config["recipe"]["lr_update"] == 1e-3
+    assert checkpoint_step(out) == 3
+    assert csv_steps(out) == [0, 1, 2]  # logged every step by default
+    weights = load_file(str(out / "model.safetensors"))
+    fresh = Tuner.for_blocks(ParamBlocks.from_module(load_model("tiny-llama")[0]), "x")
+    assert not torch.equal(weights["w1"], fresh.w1.detach()), "meta-training changed nothing"
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs", [(ZOSGD, {}), (HiZOO, {}), (LOZO, {"rank": 2}), (LOZO, {"momentum": 0.9})]
+)
+def test_tuner_attaches_to_every_method(trained, cls, kwargs):
+    from finetune.tasks import load_task, loss_batch
+
+    out, _ = trained
+    tuner = Tuner.load_folder(out)
+    model, tokenizer = load_model("tiny-llama")
+    tuner.check_compatible(ParamBlocks.from_module(model), model_id="l2l/tiny-llama")
+    examples = load_task(Path(tuner.config.recipe["tasks"][0]), n_train=4).train
+    batch = loss_batch(examples, tokenizer)
+    opt = cls(model, lr=1e-3, block_scale=tuner, record=True, **kwargs)
+    losses = [float(opt.step(lambda: model(**batch).loss)) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(r.scales is not None and len(r.scales) == tuner.num_blocks for r in opt.records)
+
+
+def test_registered_in_local_zoo_and_used_by_finetune(trained, task_file, tmp_path, monkeypatch):
+    out, home = trained
+    monkeypatch.setenv("L2L_HOME", str(home))
+    assert resolve_tuner("tiny-meta", offline=True) == home / "zoo" / "tiny-meta"
+    run = tmp_path / "run"
+    argv = ["--tuner", "tiny-meta", "--task", str(task_file), "--output", str(run)]
+    argv += ["--steps", "2", "--batch-size", "4", "--n-train", "16", "--n-test", "4"]
+    argv += ["--eval-examples", "2", "--accelerator", "cpu", "--no-progress"]
+    assert finetune(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["model"] == "tiny-llama" and results["tuner"]["spec"] == "tiny-meta"
+
+
+@pytest.mark.filterwarnings("ignore:You.re resuming from a checkpoint that ended before the epoch")
+def test_resume_continues_the_global_step(task_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("L2L_HOME", str(tmp_path / "home"))
+    out = tmp_path / "tuner"
+    assert main(pretrain_args(task_file, out, "--name", "none", steps=2)) == 0
+    first = load_file(str(out / "model.safetensors"))
+    assert checkpoint_step(out) == 2
+    assert main(pretrain_args(task_file, out, "--name", "none", "--resume", steps=4)) == 0
+    assert checkpoint_step(out) == 4
+    assert csv_steps(out) == [0, 1, 2, 3]  # the first run's rows are kept
+    assert json.loads((out / "config.json").read_text())["metrics"]["steps"] == 4
+    assert not torch.equal(load_file(str(out / "model.safetensors"))["w1"], first["w1"])
+
+
+def test_bad_settings_fail_before_training(task_file, tmp_path, capsys):
+    out = tmp_path / "tuner"
+    assert main(pretrain_args(task_file, out, "--resume")) == 2
+    assert "--resume: no checkpoint at" in capsys.readouterr().err
+    assert main(pretrain_args(task_file, out, "--precision", "16-mixed")) == 2
+    assert "--precision 16-mixed is not supported" in capsys.readouterr().err
+    assert main(pretrain_args(tmp_path / "missing.jsonl", out)) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+
+
+def test_push_to_hub_then_finetune_downloads_it(task_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("L2L_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_loopbackTestToken0123456789")
+    set_offline(monkeypatch, False)
+    repo = "test-user/tiny-llama-tuner"
+    with HubServer() as hub:
+        hub.configure(monkeypatch, cache_dir=tmp_path / "hf" / "hub")
+        out = tmp_path / "tuner"
+        argv = pretrain_args(task_file, out, "--name", "none", "--push-to-hub", repo, steps=1)
+        assert main(argv) == 0
+        files = hub.files(repo)
+        assert set(ARTIFACT_FILES) <= set(files)
+        assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+        run = tmp_path / "run"
+        argv = ["--tuner", repo, "--task", str(task_file), "--output", str(run), "--steps", "2"]
+        argv += ["--batch-size", "4", "--n-train", "16", "--n-test", "4", "--eval-examples", "2"]
+        argv += ["--accelerator", "cpu", "--no-progress"]
+        assert finetune(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["model"] == "tiny-llama"  # the tuner's base model, resolved offline
+    folder = Path(results["tuner"]["folder"])
+    assert folder.is_relative_to(tmp_path / "hf" / "hub")
+    assert (folder / "model.safetensors").read_bytes() == files["model.safetensors"]
