@@ -5,12 +5,13 @@ Every measurement runs in a fresh subprocess so its peak RSS (CPU) or
 initialisations of real shapes (no download).
 
     python benchmarks/step_cost.py --model smollm2-135m --batch 8 --seq 64 --dtype float32
-    python benchmarks/step_cost.py --model tiny --methods mezo,lozo --repeats 5
+    python benchmarks/step_cost.py --model tiny --methods mezo,mezo+tuner,lozo,lozo+tuner
 
 Printed per method: step time, ratio = step_time / (forwards_per_step x forward_time), ratio of
 the step time to the plain 4-pass MeZO reference, peak memory of a step and its ratio to a
-forward's peak. ``--tuner`` attaches a freshly initialised learned tuner (block_scale) to every
-method, to measure the tuner's overhead.
+forward's peak. A method named ``mezo+tuner`` (etc.) attaches a freshly initialised learned tuner
+(block_scale), so ``--methods mezo,mezo+tuner`` measures the tuner's overhead in one run;
+``--tuner`` attaches one to every method.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def build(name: str, dtype: torch.dtype, device: str):
 
 
 def make_optimizer(method: str, model, tuner: bool):
+    """``method`` may end in ``+tuner`` to attach a freshly initialised learned tuner."""
+    if method.endswith("+tuner"):
+        method, tuner = method.removesuffix("+tuner"), True
     from l2l import LOZO, ZOSGD, HiZOO
 
     kw = {"lr": 1e-7, "eps": 1e-3}
@@ -185,6 +189,16 @@ def report(args, rows: list[dict]) -> None:
             f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {ratio:.3f} | {vs_ref} | "
             f"{r['peak_bytes'] / 2**20:.0f} | {mem:.3f} |"
         )
+    by_name = {r["what"]: r for r in rows[1:]}
+    for name, r in by_name.items():
+        base = by_name.get(name.removesuffix("+tuner"))
+        if name.endswith("+tuner") and base:
+            extra_time = r["seconds"] / base["seconds"] - 1
+            extra_mem = (r["peak_bytes"] - base["peak_bytes"]) / 2**20
+            print(
+                f"tuner overhead on {base['what']}: time {100 * extra_time:+.1f}%, "
+                f"peak memory {extra_mem:+.1f} MiB"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)

@@ -72,11 +72,13 @@ def meta_step(
     lr_update: float = 1e-6,
     normalize: bool = True,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MetaStepOutput:
     """Run one meta-step; leaves tuner grads in ``tuner`` and dL/dtheta1 in ``p.grad``.
 
     The model's parameters are back at theta0 (up to float rounding) on return. ``backward`` lets
-    a trainer (Lightning's ``manual_backward``) own the backward passes.
+    a trainer (Lightning's ``manual_backward``) own the backward passes; ``loss_reduce`` (e.g. an
+    all-reduce mean across data-parallel ranks) is applied to the stacked (L+, L-) before use.
     """
     numels = blocks.numels
     sigma_prev = state.sigma if state.sigma is not None else torch.ones(len(blocks))
@@ -94,9 +96,13 @@ def meta_step(
 
     with torch.no_grad():
         with perturber((eps * scales).tolist(), direction):
-            lp = float(loss_fn())
+            lp = loss_fn().detach()
         with perturber((-eps * scales).tolist(), direction):
-            lm = float(loss_fn())
+            lm = loss_fn().detach()
+        pair = torch.stack([lp, lm]).double()
+        if loss_reduce is not None:
+            pair = loss_reduce(pair)  # data parallel: the same g on every rank
+    lp, lm = float(pair[0]), float(pair[1])
     g = (lp - lm) / (2 * eps)
 
     coeffs = -lr_update * g * scales  # theta1 = theta0 + coeffs_b z_b

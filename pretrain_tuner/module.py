@@ -65,11 +65,13 @@ class MetaTunerModule(L.LightningModule):
         return torch.optim.SGD(groups, lr=hp.lr_tuner)
 
     def _loss(self, batch):
-        loss = self.model(**batch).loss
-        if not torch.is_grad_enabled() and self.trainer.world_size > 1:
-            # meta_step's L+ and L- (its only no-grad calls): the same g on every rank
-            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-        return loss
+        return self.model(**batch).loss
+
+    def _reduce(self, losses: torch.Tensor) -> torch.Tensor:
+        """All-reduce (mean) of (L+, L-) across ranks: the same g on every rank."""
+        if self.trainer.world_size == 1:
+            return losses
+        return self.trainer.strategy.reduce(losses.to(self.device), reduce_op="mean").cpu()
 
     def training_step(self, batch, batch_idx: int):
         hp = self.hparams
@@ -86,6 +88,7 @@ class MetaTunerModule(L.LightningModule):
             lr_update=hp.lr_update,
             normalize=hp.normalize,
             backward=self.manual_backward,
+            loss_reduce=self._reduce,
         )
         if hp.grad_clip:  # the tuner's gradient only (the model group is not clipped)
             torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), hp.grad_clip)

@@ -373,3 +373,19 @@ def test_console_script_help(script):
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"usage: {script}" in proc.stdout and "--output" in proc.stdout
+
+
+def test_peft_lora_trains_only_the_adapters(task_file, tuner_dir, tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    argv = args_for(task_file, out, "--model", "tiny-llama", "--peft", "lora", "--save-model")
+    assert main(argv) == 0
+    results = read_results(out)
+    assert results["status"] == "finished" and len(results["train_loss"]) == STEPS
+    traj = Trajectory.load(out / "trajectory.json")
+    saved = load_file(str(out / "model" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+    base, _ = load_model("tiny-llama")
+    assert traj.fingerprint != ParamBlocks.from_module(base).fingerprint()  # adapters only
+    with pytest.raises(SystemExit, match="--peft"):
+        main(args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", str(tuner_dir)))
