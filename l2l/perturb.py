@@ -11,7 +11,8 @@ alive at a time; large ``nn.Linear``/``nn.Embedding`` weights are perturbed one 
 time). With bare tensors, each ``param.data`` is swapped for a perturbed copy for the duration of
 the forward. Either way the original storage is untouched, so the parameters are bit-for-bit
 restored in every dtype -- unlike the reference ``+eps, -2eps, +eps`` in-place trick, which drifts
-in half precision.
+in half precision. A direction with a low-rank form ``z = U V^T`` (LOZO) is applied to
+``nn.Linear``/``nn.Embedding`` weights in factored form and never materialised.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ _MASK64 = (1 << 64) - 1
 # direction(block, chunk) -> float32 tensor of the chunk's shape (unscaled; the perturber
 # multiplies block b by coeffs[b], which folds eps, the sign and the block scale into one scalar).
 Direction = Callable[[int, int], torch.Tensor]
+
+# factors(block) -> (U (m, r), V (n, r)) float32 with z_b = U V^T, or None when block b's direction
+# has no low-rank form (LOZO's matrices have one). A perturbed nn.Linear/nn.Embedding then never
+# materialises z: x (W + c U V^T)^T = x W^T + c (x V) U^T costs O(tokens (m + n) r).
+Factors = Callable[[int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 def mix_seed(*values: int) -> int:
@@ -155,7 +161,9 @@ class Perturber:
                     self._owners.append((module, entries))
 
     @contextmanager
-    def __call__(self, coeffs: Sequence[float], direction: Direction) -> Iterator[None]:
+    def __call__(
+        self, coeffs: Sequence[float], direction: Direction, factors: Factors | None = None
+    ) -> Iterator[None]:
         if self.model is None:
             with self._swap_data(coeffs, direction):
                 yield
@@ -165,7 +173,7 @@ class Perturber:
         try:
             for module, entries in self._owners:
                 previous = module.__dict__.get("forward")
-                module.forward = self._wrap(module, entries, coeffs, direction, used)
+                module.forward = self._wrap(module, entries, coeffs, direction, used, factors)
                 patched.append((module, previous))
             yield
         finally:
@@ -188,11 +196,18 @@ class Perturber:
             for p, data in zip(self.blocks.params, originals, strict=False):
                 p.data = data
 
-    def _wrap(self, module, entries, coeffs, direction, used):
+    def _wrap(self, module, entries, coeffs, direction, used, factors=None):
         forward = type(module).forward.__get__(module)
         if module.__dict__.get("forward") is not None:
             forward = module.__dict__["forward"]
         names = {name for name, _ in entries}
+        lowrank = None
+        if factors is not None and "weight" in names:
+            lowrank = factors(dict(entries)["weight"])
+        if lowrank is not None and type(module) is nn.Linear:
+            return _LowRankLinear(module, dict(entries), coeffs, direction, used, lowrank)
+        if lowrank is not None and type(module) is nn.Embedding and names == {"weight"}:
+            return _LowRankEmbedding(module, entries[0][1], coeffs, used, lowrank, forward)
         big = module.weight.numel() > CHUNK_ELEMENTS if "weight" in names else False
         if big and type(module) is nn.Linear:
             return _ChunkedLinear(module, dict(entries), coeffs, direction, used)
@@ -269,3 +284,41 @@ class _ChunkedEmbedding:
             u = self.direction(self.block, c)[rows]
             out[mask] = perturbed_chunk(w[r0:r1][rows], u, self.coeffs[self.block])
         return out
+
+
+def _add_lowrank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, coeff: float):
+    """``out + coeff * left @ right^T`` with the low-rank term in float32, in ``out``'s dtype."""
+    term = left.float() @ right.T
+    if out.dtype in (torch.float32, torch.float64):
+        return out.add_(term.to(out.dtype), alpha=coeff)
+    return term.mul_(coeff).add_(out.float()).to(out.dtype)
+
+
+class _LowRankLinear:
+    """``nn.Linear`` at ``W + c U V^T``: ``x W^T + c (x V) U^T``; z is never materialised."""
+
+    def __init__(self, module, entries, coeffs, direction, used, factors):
+        self.m, self.entries, self.coeffs, self.direction = module, entries, coeffs, direction
+        self.u, self.v = factors
+        used.update(entries.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bias, bb = self.m.bias, self.entries.get("bias")
+        if bias is not None and bb is not None:
+            bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
+        out = F.linear(x, self.m.weight.detach(), None if bias is None else bias.detach())
+        xv = x.float() @ self.v  # (..., r)
+        return _add_lowrank(out, xv, self.u, self.coeffs[self.entries["weight"]])
+
+
+class _LowRankEmbedding:
+    """``nn.Embedding`` at ``W + c U V^T``: looked-up rows plus ``c U[ids] V^T``."""
+
+    def __init__(self, module, block, coeffs, used, factors, forward):
+        self.block, self.coeffs, self.forward = block, coeffs, forward
+        self.u, self.v = factors
+        used.add(block)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.forward(ids)
+        return _add_lowrank(out, self.u[ids], self.v, self.coeffs[self.block])

@@ -213,14 +213,20 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(U, V)`` with ``z_b = U V^T`` when block ``b``'s direction is low rank, else None;
+        the perturbed forward then never materialises ``z_b`` (see ``l2l.perturb``)."""
+        return None
+
     def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[float]:
         """[L+, L-] (HiZOO prepends L0)."""
         eps = self.group["eps"]
         direction = lambda b, c: self._direction(ctx, b, c)  # noqa: E731
+        factors = lambda b: self._factors(ctx, b)  # noqa: E731
         scales = [1.0] * len(self.blocks) if ctx.scales is None else ctx.scales.tolist()
         out = []
         for sign in (1.0, -1.0):
-            with self.perturber([sign * eps * s for s in scales], direction):
+            with self.perturber([sign * eps * s for s in scales], direction, factors):
                 out.append(_to_float(closure()))
         return out
 
@@ -290,9 +296,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         scales = record.scales or [1.0] * len(self.blocks)
         self._update(record, direction, [record.lr * record.grad * s for s in scales])
 
-    def _update(self, record: StepRecord, direction, coeffs: list[float]) -> None:
+    def _update(self, record: StepRecord, direction, coeffs: list[float], factors=None) -> None:
         """theta_b <- (1 - lr lambda) theta_b - coeffs[b] d_b, chunk by chunk, in float32.
 
+        ``factors(b, c)``, when given and not None, returns ``(A, B)`` with chunk ``c`` of ``d_b``
+        equal to ``A B^T``; the update is then one fused ``addmm_`` (no materialised ``d_b``).
         Blocks whose coefficient and decay are both zero are not touched at all, so lr = 0 leaves
         every parameter bit-for-bit unchanged.
         """
@@ -307,7 +315,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 new = view if view.dtype in (torch.float32, torch.float64) else view.float()
                 if decay:
                     new.mul_(1.0 - decay)
-                if coeff:
+                lowrank = factors(b, c) if factors is not None and coeff else None
+                if lowrank is not None:
+                    a, bt = (t.to(new.dtype) for t in lowrank)
+                    new.addmm_(a, bt.T, alpha=-coeff)
+                elif coeff:
                     new.add_(direction(b, c), alpha=-coeff)
                 if new.data_ptr() != view.data_ptr():
                     view.copy_(new)

@@ -85,27 +85,40 @@ class LOZO(ZOOptimizer):
             return u
         return u @ self.state[self.blocks.params[block]]["v"].T  # (rows, r) @ (r, n)
 
+    def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V) of a matrix block: linear layers and embeddings run ``x W^T + c (x V) U^T``."""
+        if not self._is_matrix(block):
+            return None
+        p = self.blocks.params[block]
+        chunks = [self._u(ctx.seed, block, c) for c in range(len(row_chunks(p.shape)))]
+        u = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return u, self.state[p]["v"]
+
     def _apply(self, record: StepRecord) -> None:
         self._prepare(record.step, record.seed)
         beta, rank = self.group["momentum"], self.group["rank"]
         if beta:
             self._accumulate_momentum(record, beta)
 
-        def direction(b: int, c: int) -> torch.Tensor:
+        def factors(b: int, c: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            """Chunk c of the update direction as A B^T: N V^T / r or U V^T / r."""
             if not self._is_matrix(b):
-                return self._u(record.seed, b, c)
+                return None
             state = self.state[self.blocks.params[b]]
-            if beta:  # N V^T / r; N already carries (1 - beta) c s_b
+            if beta:  # N already carries (1 - beta) c s_b
                 r0, r1 = row_chunks(self.blocks.params[b].shape)[c]
-                return state["n"][r0:r1] @ state["v"].T / rank
-            return self._u(record.seed, b, c) @ state["v"].T / rank  # U V^T / r
+                return state["n"][r0:r1], state["v"] / rank
+            return self._u(record.seed, b, c), state["v"] / rank
+
+        def direction(b: int, c: int) -> torch.Tensor:  # the 1-D blocks: plain Gaussian
+            return self._u(record.seed, b, c)
 
         scales = record.scales or [1.0] * len(self.blocks)
         coeffs = [
             record.lr if (beta and self._is_matrix(b)) else record.lr * record.grad * s
             for b, s in enumerate(scales)
         ]
-        self._update(record, direction, coeffs)
+        self._update(record, direction, coeffs, factors)
 
     def _accumulate_momentum(self, record: StepRecord, beta: float) -> None:
         """N <- beta N + (1 - beta) c s_b U for every matrix block."""
