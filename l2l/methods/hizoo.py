@@ -60,7 +60,8 @@ class HiZOO(ZOOptimizer):
             self.state[p]["hessian"] = torch.ones_like(p, dtype=torch.float32)
 
     def _z(self, seed: int, block: int, chunk: int):
-        return param_chunk_z(seed, block, chunk, self.blocks.params[block])
+        # transient: every caller consumes the chunk before drawing the next one
+        return param_chunk_z(seed, block, chunk, self.blocks.params[block], transient=True)
 
     def _hessian(self, block: int, chunk: int) -> torch.Tensor:
         p = self.blocks.params[block]

@@ -16,7 +16,8 @@ class ZOSGD(ZOOptimizer):
     """MeZO. See :class:`l2l.methods.base.ZOOptimizer` for the arguments."""
 
     def _z(self, seed: int, block: int, chunk: int):
-        return param_chunk_z(seed, block, chunk, self.blocks.params[block])
+        # transient: every caller consumes the chunk before drawing the next one
+        return param_chunk_z(seed, block, chunk, self.blocks.params[block], transient=True)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
         return self._z(ctx.seed, block, chunk)
