@@ -9,9 +9,12 @@ initialisations of real shapes (no download).
 
 Printed per method: step time, ratio = step_time / (forwards_per_step x forward_time), ratio of
 the step time to the plain 4-pass MeZO reference, peak memory of a step and its ratio to a
-forward's peak. A method named ``mezo+tuner`` (etc.) attaches a freshly initialised learned tuner
-(block_scale), so ``--methods mezo,mezo+tuner`` measures the tuner's overhead in one run;
-``--tuner`` attaches one to every method.
+forward's peak. Each worker times a forward right before every step, and the ratios use those
+in-process forward times, so drift between workers (a busy or throttled machine) cancels out; the
+reference ratio compares the two normalised times. A method named ``mezo+tuner`` (etc.) attaches a
+freshly initialised learned tuner (block_scale) and also times the tuner's own work per step
+(block features + one batched MLP call) against the step; ``--tuner`` attaches one to every
+method.
 """
 
 from __future__ import annotations
@@ -105,20 +108,43 @@ def measure(args) -> dict:
     else:
         opt = make_optimizer(args.what, model, args.tuner)
         run, forwards = (lambda: opt.step(closure)), opt.forwards_per_step
-    times = []
+    times, fwd_times = [], []
     with torch.no_grad():
         for i in range(args.warmup + args.repeats):
-            sync()
-            t = time.perf_counter()
-            run()
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t)
-    return dict(
+            # a forward before every step: the ratio compares times taken in the same process
+            # a moment apart, so a machine that speeds up or slows down cancels out
+            for work, out in ((closure, fwd_times), (run, times)):
+                sync()
+                t = time.perf_counter()
+                work()
+                sync()
+                if i >= args.warmup:
+                    out.append(time.perf_counter() - t)
+    row = dict(
         what=args.what,
         seconds=statistics.median(times),
+        forward_seconds=statistics.median(fwd_times),
         forwards=forwards,
         peak_bytes=peak_memory(args.device),
+    )
+    if args.what not in ("forward", "reference") and opt.block_scale is not None:
+        row.update(tuner_cost(opt, sync))
+    return row
+
+
+def tuner_cost(opt, sync, repeats: int = 20) -> dict:
+    """What the tuner adds to a step: features + one batched MLP call (``block_scales``)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        opt.block_scales()
+        sync()
+        times.append(time.perf_counter() - t)
+    tuner = opt.block_scale
+    return dict(
+        tuner_seconds=statistics.median(times),
+        tuner_bytes=sum(t.numel() * t.element_size() for t in tuner.state_dict().values()),
     )
 
 
@@ -181,23 +207,23 @@ def report(args, rows: list[dict]) -> None:
         "| method | step ms | step / (k x forward) | step / reference | peak MiB | peak / forward peak |"
     )
     print("|---|---|---|---|---|---|")
+
+    def norm(r: dict) -> float:  # step time per forward, measured in the same process
+        return r["seconds"] / (r["forwards"] * r["forward_seconds"])
+
     for r in rows[1:]:
-        ratio = r["seconds"] / (r["forwards"] * fwd["seconds"])
-        vs_ref = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        vs_ref = f"{norm(r) * r['forwards'] / (norm(ref) * ref['forwards']):.2f}" if ref else "-"
         mem = r["peak_bytes"] / fwd["peak_bytes"]
         print(
-            f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {ratio:.3f} | {vs_ref} | "
+            f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {norm(r):.3f} | {vs_ref} | "
             f"{r['peak_bytes'] / 2**20:.0f} | {mem:.3f} |"
         )
-    by_name = {r["what"]: r for r in rows[1:]}
-    for name, r in by_name.items():
-        base = by_name.get(name.removesuffix("+tuner"))
-        if name.endswith("+tuner") and base:
-            extra_time = r["seconds"] / base["seconds"] - 1
-            extra_mem = (r["peak_bytes"] - base["peak_bytes"]) / 2**20
+    for r in rows[1:]:
+        if "tuner_seconds" in r:
             print(
-                f"tuner overhead on {base['what']}: time {100 * extra_time:+.1f}%, "
-                f"peak memory {extra_mem:+.1f} MiB"
+                f"tuner on {r['what']}: {r['tuner_seconds'] * 1e3:.2f} ms per step "
+                f"({100 * r['tuner_seconds'] / r['seconds']:.2f}% of the step), "
+                f"{r['tuner_bytes'] / 2**20:.2f} MiB of tuner weights"
             )
     if args.json:
         with open(args.json, "w") as f:
