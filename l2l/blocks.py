@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 # Names whose weight decay is skipped (biases and norm weights), as in MeZO.
+#: Blocks up to this many elements get exact float64 statistics (see ParamBlocks.statistics).
+EXACT_STATS = 1 << 16
+#: Larger blocks are reduced in parts of at most this many elements.
+STATS_PART = 1 << 18
+
 _NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
 
 
@@ -100,14 +105,55 @@ class ParamBlocks:
 
     @torch.no_grad()
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) float32 mean and variance of every block (computed in float32)."""
+        """(B,) float32 mean and (population) variance of every block.
+
+        The tuner needs them every step. A large block is first reduced with the two fastest
+        reductions there are, ``sum`` and ``vector_norm`` (vectorised, multi-threaded, in float32
+        parts of ``STATS_PART`` elements), combined as ``E[x^2] - E[x]^2`` in float64; that is
+        several times faster than ``torch.var_mean`` on CPU and within 1e-4 relative (tested)
+        while the mean is small next to the spread, as in weight matrices. When it is not (``mean^2 > 1e-3 E[x^2]``,
+        where the subtraction would cancel digits) and for small blocks (biases, norm weights),
+        the exact float64 ``var_mean`` is used.
+        """
         means, variances = [], []
         for p in self.params:
-            flat = p.detach().reshape(-1).float()
-            var, mean = torch.var_mean(flat, correction=0)
+            flat = p.detach().reshape(-1)
+            stats = None if flat.numel() <= EXACT_STATS else _fast_var_mean(flat)
+            var, mean = stats if stats is not None else _exact_var_mean(flat)
             means.append(mean)
             variances.append(var)
-        return torch.stack(means).cpu(), torch.stack(variances).cpu()
+        return torch.stack(means).float().cpu(), torch.stack(variances).float().cpu()
+
+
+def _parts(flat: torch.Tensor):
+    """``flat`` in parts of at most ``STATS_PART`` elements, half precision widened per part."""
+    for part in flat.split(STATS_PART):
+        yield part if part.dtype in (torch.float32, torch.float64) else part.float()
+
+
+def _fast_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    total = square = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for part in _parts(flat):
+        total = total + part.sum().double()
+        square = square + torch.linalg.vector_norm(part).double().square()
+    mean, second = total / flat.numel(), square / flat.numel()
+    if mean * mean > 1e-3 * second:  # E[x^2] - E[x]^2 would cancel digits
+        return None
+    return second - mean * mean, mean
+
+
+def _exact_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 var_mean, part by part, merged with Chan et al.'s pairwise update."""
+    n, mean, m2 = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    mean, m2 = mean.to(flat.device), m2.to(flat.device)
+    for part in flat.split(STATS_PART):
+        k = part.numel()
+        var_k, mean_k = torch.var_mean(part.double(), correction=0)
+        delta = mean_k - mean
+        mean = mean + delta * k / (n + k)
+        m2 = m2 + var_k * k + delta * delta * n * k / (n + k)
+        n += k
+    return m2 / max(n, 1), mean
 
 
 def block_fingerprint(names: list[str], shapes: list[tuple[int, ...]]) -> str:

@@ -295,3 +295,24 @@ def test_instruct_variant_with_same_blocks_is_accepted(tuner: Tuner, caplog) -> 
         tuner.check_compatible(instruct, model_id="org/tiny-lm-instruct")
     assert "org/tiny-lm-instruct" in caplog.text and "match" in caplog.text
     assert tuner(initial_features(instruct)).shape == (5,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_statistics_match_float64(dtype):
+    """Large blocks use chunked sum/dot (E[x^2] - E[x]^2), small ones float64 var_mean; both
+    must match a float64 reference, also for a block whose mean dwarfs its spread."""
+    from l2l.blocks import EXACT_STATS, STATS_PART
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(64, generator=gen) * 0.1 + 1.0,  # a norm weight: exact path
+        torch.randn(STATS_PART + 12345, generator=gen) * 0.02,  # several parts
+        torch.randn(2 * EXACT_STATS, generator=gen) * 0.01 + 1.0,  # mean >> std
+    ]
+    blocks = ParamBlocks.from_params([nn.Parameter(t.to(dtype)) for t in tensors])
+    mean, var = blocks.statistics()
+    for i, t in enumerate(tensors):
+        ref_var, ref_mean = torch.var_mean(t.to(dtype).double(), correction=0)
+        assert float(mean[i]) == pytest.approx(float(ref_mean), rel=1e-5, abs=1e-9)
+        # the fast path is ~1e-6; the mean >> std block must have fallen back to the exact one
+        assert float(var[i]) == pytest.approx(float(ref_var), rel=1e-4)
