@@ -29,7 +29,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_cost.py --model smollm2-135m --batch 8 --seq 64
+	$(BIN)/python benchmarks/step_cost.py --model smollm2-135m --batch 16 --seq 64 \
+		--methods reference,mezo,mezo+tuner,hizoo,hizoo+tuner,lozo,lozo+tuner,lozo-m
 
 clean:
 	rm -rf $(VENV) runs
