@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Names whose weight decay is skipped (biases and norm weights), as in MeZO.
 #: Blocks up to this many elements get exact float64 statistics (see ParamBlocks.statistics).
 EXACT_STATS = 1 << 16
 #: Larger blocks are reduced in parts of at most this many elements.
 STATS_PART = 1 << 18
 
+# Names whose weight decay is skipped (biases and norm weights), as in MeZO.
 _NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
 
 
@@ -111,9 +111,9 @@ class ParamBlocks:
         reductions there are, ``sum`` and ``vector_norm`` (vectorised, multi-threaded, in float32
         parts of ``STATS_PART`` elements), combined as ``E[x^2] - E[x]^2`` in float64; that is
         several times faster than ``torch.var_mean`` on CPU and within 1e-4 relative (tested)
-        while the mean is small next to the spread, as in weight matrices. When it is not (``mean^2 > 1e-3 E[x^2]``,
-        where the subtraction would cancel digits) and for small blocks (biases, norm weights),
-        the exact float64 ``var_mean`` is used.
+        while the mean is small next to the spread, as in weight matrices. When it is not
+        (``mean^2 > 1e-3 E[x^2]``, where the subtraction would cancel digits) and for small
+        blocks (biases, norm weights), the exact float64 ``var_mean`` is used.
         """
         means, variances = [], []
         for p in self.params:
@@ -144,8 +144,8 @@ def _fast_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
 
 def _exact_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 var_mean, part by part, merged with Chan et al.'s pairwise update."""
-    n, mean, m2 = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    mean, m2 = mean.to(flat.device), m2.to(flat.device)
+    n = 0
+    mean = m2 = torch.zeros((), dtype=torch.float64, device=flat.device)
     for part in flat.split(STATS_PART):
         k = part.numel()
         var_k, mean_k = torch.var_mean(part.double(), correction=0)

@@ -236,8 +236,8 @@ class Perturber:
         if module.__dict__.get("forward") is not None:
             forward = module.__dict__["forward"]
         names = {name for name, _ in entries}
-        lowrank = None
-        if factors is not None and "weight" in names:
+        lowrank = None  # only the modules with a factored forward ask for (U, V)
+        if factors is not None and "weight" in names and type(module) in (nn.Linear, nn.Embedding):
             lowrank = factors(dict(entries)["weight"])
         if lowrank is not None and type(module) is nn.Linear:
             return _LowRankLinear(module, dict(entries), coeffs, direction, used, lowrank)
