@@ -10,8 +10,11 @@ A small-scale replica of the ZO Fine-tuner evaluation on SmolLM2-135M, offline:
    *dev* accuracy (ties: lower final train loss) is kept. The test split is never used to choose.
 2. Every (task, method, seed) then runs ``--steps`` steps at its chosen lr.
 3. Zero-shot accuracy (every run's "before") and a first-order AdamW row per task for context.
-Peak memory is the process's peak RSS (CPU) so, as runs share one process, compare memory with
-``benchmarks/step_cost.py`` (a fresh process per measurement) instead.
+Every run (zero-shot, selection, final, AdamW) runs in a fresh process, so its peak memory (peak
+RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own. ``--jobs N`` runs N of them at
+once with ``cpus // N`` torch threads each: on CPU that finishes sooner (``torch``'s Gaussian
+sampler is single-threaded, so two 1-thread runs draw twice as fast as one 2-thread run), but
+the s/step column then reflects runs sharing the machine; use ``benchmarks/step_cost.py`` for speed.
 The zero-shot test accuracy of a task is computed once and shared by its runs (the test subset
 is fixed; only train/dev depend on the seed).
 Each run writes one JSON (``runs/<name>.json``, skipped when present, so the script resumes;
@@ -36,7 +39,7 @@ from pathlib import Path
 BUDGETS = {
     # steps, selection steps, lr grid, seeds, batch, eval examples
     "small": dict(
-        steps=40, select_steps=20, lrs=[1e-5, 3e-5], seeds=[0, 1, 2], batch=8, n_eval=100
+        steps=40, select_steps=20, lrs=[1e-5, 3e-5, 1e-4], seeds=[0, 1, 2], batch=8, n_eval=100
     ),
     "full": dict(
         steps=20000,
@@ -75,9 +78,21 @@ class Spec:
         return f"{self.task}.{self.label}.lr{self.lr:g}.s{self.seed}.n{self.steps}"
 
 
+def zero_shot_path(task_name: str, args, budget: dict) -> Path:
+    return args.out / "runs" / f"{task_name}.zero-shot.n{budget['n_eval']}.json"
+
+
+def run_path(spec: Spec, args) -> Path:
+    return args.out / "runs" / f"{spec.name}.json"
+
+
+def first_order_path(task_name: str, args, budget: dict, lr: float = 1e-5) -> Path:
+    return args.out / "runs" / f"{task_name}.adamw.lr{lr:g}.s0.n{budget['steps']}.json"
+
+
 def zero_shot(task_name: str, args, budget: dict, model=None, tok=None) -> dict:
     """Zero-shot test metrics of ``task_name`` (cached: every run of the task shares them)."""
-    path = args.out / "runs" / f"{task_name}.zero-shot.n{budget['n_eval']}.json"
+    path = zero_shot_path(task_name, args, budget)
     if path.exists():
         return json.loads(path.read_text())
     from finetune.models import load_model
@@ -97,7 +112,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
 
     ``select``: a learning-rate selection run, which is also scored on the dev split.
     """
-    path = args.out / "runs" / f"{spec.name}.json"
+    path = run_path(spec, args)
     if path.exists():
         return json.loads(path.read_text())
     before = zero_shot(spec.task, args, budget)
@@ -144,7 +159,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
 
 def first_order_run(task_name: str, args, budget: dict, lr: float = 1e-5) -> dict:
     """AdamW fine-tuning of all weights for context (backprop: activations + 2 moments)."""
-    path = args.out / "runs" / f"{task_name}.adamw.lr{lr:g}.s0.n{budget['steps']}.json"
+    path = first_order_path(task_name, args, budget, lr)
     if path.exists():
         return json.loads(path.read_text())
     import torch
@@ -166,7 +181,7 @@ def first_order_run(task_name: str, args, budget: dict, lr: float = 1e-5) -> dic
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     wall = time.perf_counter() - start
     results = dict(
         config=dict(lr=lr, method="adamw"),
@@ -197,15 +212,67 @@ def steps_to_reach(results: dict, target: float) -> int | None:
     return None
 
 
-def select_lr(task: str, method: str, tuned: bool, args, budget) -> float:
-    best = None
-    for lr in budget["lrs"]:
-        spec = Spec(task, method, tuned, lr, 0, budget["select_steps"])
-        r = run_one(spec, args, budget, select=True)
-        key = (-r["eval_dev"]["accuracy"], final_loss(r))
-        if best is None or key < best[0]:
-            best = (key, lr)
-    return best[1]
+def selection_specs(task: str, method: str, tuned: bool, budget) -> list[Spec]:
+    return [Spec(task, method, tuned, lr, 0, budget["select_steps"]) for lr in budget["lrs"]]
+
+
+def best_lr(runs: list[dict]) -> float:
+    """The selection run with the best dev accuracy (ties: lower final train loss)."""
+    best = min(runs, key=lambda r: (-r["eval_dev"]["accuracy"], final_loss(r)))
+    return best["spec"]["lr"]
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
+    """Run ``jobs`` = ``[(json_path, fn, *fn_args), ...]``, each in a fresh process, ``args.jobs``
+    at a time, and return their results in order. A job whose JSON exists is read, not rerun. A
+    failed job does not stop the others (their JSONs are kept); the phase then exits with the
+    failures, and rerunning resumes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    results: list = [None] * len(jobs)
+    todo = []
+    for i, (path, *call) in enumerate(jobs):
+        if path.exists():
+            results[i] = json.loads(path.read_text())
+        else:
+            todo.append((i, call))
+    if not todo:
+        return results
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    failures = []
+    columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), TimeElapsedColumn())
+    with (
+        ProcessPoolExecutor(
+            args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads,),
+            max_tasks_per_child=1,
+        ) as pool,
+        Progress(*columns, disable=not sys.stderr.isatty()) as bar,
+    ):
+        task = bar.add_task(f"{what} ({args.jobs} at a time)", total=len(todo))
+        futures = {pool.submit(fn, *fn_args): i for i, (fn, *fn_args) in todo}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except Exception as exc:  # reported below; the other runs go on
+                failures.append(f"{jobs[i][0].name}: {type(exc).__name__}: {exc}")
+            bar.advance(task)
+            print(f"[{what}] done {jobs[i][0].stem}", file=sys.stderr, flush=True)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
+    return results
 
 
 def summarise(all_runs: dict, args, budget, wall: float) -> str:
@@ -214,7 +281,9 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
         "",
         f"model {args.model}; tuner {args.tuner}; tasks {', '.join(args.tasks)}; "
         f"{budget['steps']} steps, batch {budget['batch']}, seeds {budget['seeds']}; "
-        f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs; "
+        f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{args.jobs} run(s) at a time with {max(1, (os.cpu_count() or 1) // args.jobs)} torch "
+        "thread(s) each, every run in a fresh process; "
         f"wall time of this invocation {wall / 60:.1f} min, sum of the runs below "
         f"{sum(r['wall_time_s'] for rs in all_runs.values() for r in rs) / 60:.1f} min",
         "",
@@ -310,7 +379,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, help="skip the selection and use this lr for every method")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--progress", action="store_true", help="progress bars inside each run")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each in its own process (see above)"
+    )
     p.add_argument(
         "--no-first-order",
         dest="first_order",
@@ -318,6 +390,8 @@ def main(argv=None) -> None:
         help="skip the AdamW context rows",
     )
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     args.tasks = args.tasks.split(",")
     budget = dict(BUDGETS[args.budget])
     if args.seeds:
@@ -326,27 +400,54 @@ def main(argv=None) -> None:
         budget["steps"] = args.steps
     methods = [(m.split("+")[0], m.endswith("+tuner")) for m in args.methods.split(",")]
     start = time.perf_counter()
-    all_runs: dict = {}
-    for method, tuned in methods:
-        lr = args.lr or select_lr(args.tasks[0], method, tuned, args, budget)
-        for task in args.tasks:
-            label = method + ("+tuner" if tuned else "")
-            all_runs[(task, label)] = [
-                run_one(Spec(task, method, tuned, lr, seed, budget["steps"]), args, budget)
-                for seed in budget["seeds"]
-            ]
+    # 0: zero-shot accuracy per task, shared by that task's runs
+    run_all(
+        [(zero_shot_path(t, args, budget), zero_shot, t, args, budget) for t in args.tasks],
+        args,
+        "zero-shot",
+    )
+    # 1: lr selection on the first task's dev split
+    lrs = {}
+    if args.lr:
+        lrs = {m: args.lr for m in methods}
+    else:
+        select = {m: selection_specs(args.tasks[0], *m, budget) for m in methods}
+        jobs = [
+            (run_path(s, args), run_one, s, args, budget, True)
+            for ss in select.values()
+            for s in ss
+        ]
+        done = iter(run_all(jobs, args, "lr selection"))
+        lrs = {m: best_lr([next(done) for _ in ss]) for m, ss in select.items()}
+    # 2: every (task, method, seed) at its chosen lr, and the first-order context rows
+    specs = {
+        (task, method + ("+tuner" if tuned else "")): [
+            Spec(task, method, tuned, lrs[(method, tuned)], seed, budget["steps"])
+            for seed in budget["seeds"]
+        ]
+        for method, tuned in methods
+        for task in args.tasks
+    }
+    jobs = [(run_path(s, args), run_one, s, args, budget) for ss in specs.values() for s in ss]
+    if args.first_order:
+        jobs += [
+            (first_order_path(t, args, budget), first_order_run, t, args, budget)
+            for t in args.tasks
+        ]
+    done = iter(run_all(jobs, args, "runs"))
+    all_runs = {key: [next(done) for _ in ss] for key, ss in specs.items()}
+    first_order = list(done)
     text = summarise(all_runs, args, budget, time.perf_counter() - start)
     if args.first_order:
         rows = [
             "",
-            "First-order context (AdamW, all weights, seed 0; peak memory is this process's "
-            "peak RSS, which also holds the ZO runs before it):",
+            "First-order context (AdamW, all weights, seed 0; backprop keeps activations and "
+            "two moments per weight):",
             "",
             "| task | method | lr | final train loss | test acc (before -> after) | s/step | peak MiB |",
             "|---|---|---|---|---|---|---|",
         ]
-        for task in args.tasks:
-            r = first_order_run(task, args, budget)
+        for task, r in zip(args.tasks, first_order, strict=True):
             rows.append(
                 f"| {task} | adamw | {r['config']['lr']:g} | {final_loss(r):.4f} | "
                 f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f} | "
