@@ -30,6 +30,11 @@ from l2l.blocks import ParamBlocks
 #: Largest number of elements of one direction chunk (16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22
 
+#: A chunked ``nn.Linear`` (e.g. a 49k-row LM head) multiplies at most this many output elements
+#: at a time, so its transient memory is one z chunk plus a few MiB, not a chunk-wide product.
+#: Not part of z's definition (only of how the perturbed product is computed).
+MATMUL_ELEMENTS = 1 << 20
+
 _MASK64 = (1 << 64) - 1
 
 # direction(block, chunk) -> float32 tensor of the chunk's shape (unscaled; the perturber
@@ -289,9 +294,14 @@ class _ChunkedLinear:
         if bias is not None and bb is not None:
             bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
         out = x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out_features)
+        # rows of W perturbed and multiplied at once: bounds the perturbed copy and the product
+        step = max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
         for c, (r0, r1) in enumerate(row_chunks(w.shape)):
-            wc = perturbed_chunk(w.detach()[r0:r1], self.direction(wb, c), self.coeffs[wb])
-            out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
+            z = self.direction(wb, c)
+            for a in range(r0, r1, step):
+                b = min(a + step, r1)
+                wc = perturbed_chunk(w.detach()[a:b], z[a - r0 : b - r0], self.coeffs[wb])
+                out[..., a:b] = F.linear(x, wc, None if bias is None else bias[a:b])
         return out
 
 

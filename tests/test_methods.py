@@ -68,8 +68,14 @@ def test_module_and_data_swap_modes_agree(method, monkeypatch):
     """Per-module on-the-fly (whole and chunked Linear/Embedding) and .data swapping give the
     same losses. The chunk size is part of z's definition, so compare at equal chunk sizes."""
     cls, kw = method
-    for chunk in (perturb.CHUNK_ELEMENTS, 257):  # 257: embedding/lm_head take the chunked paths
+    # 257: embedding/lm_head take the chunked paths; 100: the lm_head multiplies a few rows at once
+    for chunk, matmul in (
+        (perturb.CHUNK_ELEMENTS, perturb.MATMUL_ELEMENTS),
+        (257, 1 << 20),
+        (257, 100),
+    ):
         monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(perturb, "MATMUL_ELEMENTS", matmul)
         runs = []
         for mode in ("module", "params"):
             model = tiny_lm("llama")
