@@ -88,8 +88,46 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def count_gaussians() -> list[int]:
+    """Count the Gaussian elements ``l2l`` draws (every z chunk goes through ``gaussian_chunk``)."""
+    import l2l
+    import l2l.methods.reference  # noqa: F401  (imported so that its reference is patched too)
+    from l2l import perturb
+
+    drawn, draw = [0], perturb.gaussian_chunk
+
+    def counting(step_seed, block, chunk, shape, *a, **kw):
+        drawn[0] += torch.Size(shape).numel()
+        return draw(step_seed, block, chunk, shape, *a, **kw)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("l2l") and getattr(module, "gaussian_chunk", None) is draw:
+            module.gaussian_chunk = counting
+    assert l2l.methods.lozo.gaussian_chunk is counting
+    return drawn
+
+
+def sampler_seconds_per_element(device: str, repeats: int = 5) -> float:
+    """Time of one float32 N(0, 1) draw by ``torch``'s generator on ``device`` (into a reused
+    buffer, as ``l2l`` draws transient chunks)."""
+    from l2l.perturb import CHUNK_ELEMENTS
+
+    buf = torch.empty(CHUNK_ELEMENTS, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t = time.perf_counter()
+        buf.normal_(generator=gen)
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:]) / CHUNK_ELEMENTS
+
+
 def measure(args) -> dict:
     """Runs inside the subprocess: one kind of work (forward or a method), timed."""
+    drawn = count_gaussians()
     dtype = getattr(torch, args.dtype)
     model = build(args.model, dtype, args.device)
     gen = torch.Generator().manual_seed(0)
@@ -109,6 +147,7 @@ def measure(args) -> dict:
         opt = make_optimizer(args.what, model, args.tuner)
         run, forwards = (lambda: opt.step(closure)), opt.forwards_per_step
     times, fwd_times = [], []
+    drawn[0] = 0
     with torch.no_grad():
         for i in range(args.warmup + args.repeats):
             # a forward before every step: the ratio compares times taken in the same process
@@ -126,6 +165,8 @@ def measure(args) -> dict:
         forward_seconds=statistics.median(fwd_times),
         forwards=forwards,
         peak_bytes=peak_memory(args.device),
+        gaussians_per_step=drawn[0] / (args.warmup + args.repeats),
+        sampler_seconds_per_element=sampler_seconds_per_element(args.device),
     )
     if args.what not in ("forward", "reference") and opt.block_scale is not None:
         row.update(tuner_cost(opt, sync))
@@ -218,6 +259,21 @@ def report(args, rows: list[dict]) -> None:
             f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {norm(r):.3f} | {vs_ref} | "
             f"{r['peak_bytes'] / 2**20:.0f} | {mem:.3f} |"
         )
+    print(
+        "Sampling z (torch's N(0, 1) generator, timed in each worker): Gaussians drawn per step, "
+        "their time at the measured rate, and the ratio a step would have if everything but "
+        "the forwards and the sampling were free:"
+    )
+    for r in rows[1:]:
+        if r.get("gaussians_per_step"):
+            sampling = r["gaussians_per_step"] * r["sampler_seconds_per_element"]
+            floor = 1 + sampling / (r["forwards"] * r["forward_seconds"])
+            print(
+                f"  {r['what']}: {r['gaussians_per_step'] / 1e6:.1f} M per step, "
+                f"{sampling * 1e3:.0f} ms ({100 * sampling / r['seconds']:.0f}% of the step) at "
+                f"{r['sampler_seconds_per_element'] * 1e9:.2f} ns each; floor of "
+                f"step / (k x forward): {floor:.2f}"
+            )
     for r in rows[1:]:
         if "tuner_seconds" in r:
             print(
