@@ -13,6 +13,11 @@ step; results identical to one process on the same global ``--batch-size``)::
 
     finetune --model tiny-llama --task tweets --strategy ddp --devices 2 --accelerator cpu
 
+A model too big for one GPU: ``--device-map auto`` splits its layers over the visible GPUs (one
+process; every weight must sit on a GPU, nothing offloaded)::
+
+    finetune --model facebook/opt-66b --task sst2 --dtype bfloat16 --device-map auto
+
 Exit status: 0 done, 2 an error the message explains (nothing written is left half-written),
 130 interrupted (continue with ``--resume``).
 """
@@ -24,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from finetune.model_ids import DEVICE_MAPS
 from finetune.run import METHODS, RunConfig
 
 # finetune's own defaults where neither the command line nor the tuner's registry entry says
@@ -96,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-nodes", type=int, default=1)
     g.add_argument(
         "--strategy", default="auto", help="ddp: data-parallel ZO (same seed on every rank)"
+    )
+    g.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="split a model too big for one device over all visible GPUs (accelerate's "
+        "device_map: consecutive layers on consecutive GPUs); one process, not with ddp",
     )
     g.add_argument("--list-tasks", action="store_true", help="print the known tasks and exit")
     return p
@@ -175,6 +187,11 @@ def setup(args):
     model_name = args.model or (offline_name(tuner.config.base_model) if tuner else None)
     if model_name is None:
         raise SystemExit("finetune: pass --model (or a --tuner, whose base model is then used)")
+    if args.device_map and (str(args.devices) != "1" or args.num_nodes > 1):
+        raise ValueError(  # checked before Fabric launches any process
+            "--device-map splits one copy of the model over the devices of one process; it does "
+            "not combine with --devices > 1 / --num-nodes > 1 / --strategy ddp"
+        )
     fabric = _fabric(args)
     if args.batch_size < fabric.world_size:
         raise ValueError(
@@ -213,7 +230,10 @@ def setup(args):
     )
     _check_output(fabric, args.output.expanduser())  # before the (possibly large) model loads
     model, tokenizer = load_model(
-        model_name, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        model_name,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
     )
     if args.peft:
         if tuner is not None:
@@ -221,7 +241,8 @@ def setup(args):
                 "finetune: a tuner scales full-weight blocks; use --tuner none with --peft"
             )
         model = _apply_peft(model, args.lora_r)
-    model = model.to(fabric.device)
+    if args.device_map is None:
+        model = model.to(fabric.device)
     if tuner is not None:
         from l2l.blocks import ParamBlocks
 

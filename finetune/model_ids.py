@@ -9,6 +9,9 @@ OFFLINE_IDS = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
+#: ``device_map`` values that split a model over the visible devices (accelerate's names).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
 
 def base_model_id(name: str, model=None) -> str:
     """The id to record for ``--model name``: the Hub id behind a built-in name, else ``name``."""

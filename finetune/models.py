@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from finetune.assets import ensure_smollm2
+from finetune.model_ids import DEVICE_MAPS
 
 OFFLINE_MODELS: dict[str, str] = {
     "tiny-llama": "2-layer Llama, hidden 32, 2 heads (1 KV head), tied embeddings, random init",
@@ -174,28 +175,84 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a built-in name, a local folder/.gguf file or a Hub id.
 
     The model is cast to ``dtype``, moved to ``device`` (when given) and put in ``.eval()``
     mode; the tokenizer has a pad token and right padding (see the module docstring).
+
+    ``device_map`` (one of :data:`DEVICE_MAPS` or an explicit ``{module: device}`` dict) splits
+    a model that does not fit one device over several (accelerate's dispatch: consecutive layers
+    on consecutive devices, activations handed over between them). Every weight must land on a
+    device: ZO perturbs and updates weights where they live, so offloading to ``"cpu"``/``"disk"``
+    next to GPUs is refused (see :func:`check_no_offload`).
     """
     torch_dtype = resolve_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict")
     if name_or_path in ("tiny-llama", "tiny-opt"):
         model, tokenizer = build_tiny(name_or_path)
     elif name_or_path == "smollm2-135m":
-        model, tokenizer = _from_pretrained(str(ensure_smollm2()), torch_dtype, False)
+        model, tokenizer = _from_pretrained(str(ensure_smollm2()), torch_dtype, False, device_map)
     else:
-        model, tokenizer = _from_pretrained(name_or_path, torch_dtype, trust_remote_code)
-    model = model.to(torch_dtype)
+        model, tokenizer = _from_pretrained(
+            name_or_path, torch_dtype, trust_remote_code, device_map
+        )
+    if device_map is not None and getattr(model, "hf_device_map", None) is None:
+        model = dispatch(model.to(torch_dtype), device_map)  # built from a config
+    check_no_offload(model)
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(torch_dtype)
     if device is not None:
         model = model.to(device)
     _set_padding(model, tokenizer, name_or_path)
     return model.eval(), tokenizer
 
 
+def dispatch(model: PreTrainedModel, device_map: str | dict) -> PreTrainedModel:
+    """Split an already built ``model`` over the devices with accelerate (what
+    ``from_pretrained(device_map=...)`` does while loading)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model,
+                no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0",
+            )
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=no_split
+        )
+    model = dispatch_model(model, device_map=device_map)
+    model.hf_device_map = device_map
+    return model
+
+
+def check_no_offload(model: PreTrainedModel) -> None:
+    """Refuse a model some of whose weights are offloaded (left on the ``meta`` device and
+    streamed in by hooks): ZO perturbs and updates every weight in place on its device."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} weight(s) were offloaded to cpu/disk by the device_map (first: "
+            f"{offloaded[0]!r}); zeroth-order fine-tuning updates every weight where it lives, so "
+            "each must sit on a device. Use more devices, a smaller --dtype, or a device_map "
+            "without 'cpu'/'disk' entries."
+        )
+
+
 def _from_pretrained(
-    name_or_path: str, dtype: torch.dtype, trust_remote_code: bool
+    name_or_path: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = Path(name_or_path).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -217,7 +274,9 @@ def _from_pretrained(
         source = _check_hub_id(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, **kwargs, **({"device_map": device_map} if device_map else {})
+        )
     except OSError as err:
         raise OSError(
             f"could not load model {name_or_path!r}: {err}\nIt is not a local folder, so it "

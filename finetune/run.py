@@ -161,7 +161,8 @@ class Run:
         self.opt, self.output, self.fabric, self.progress = optimizer, output, fabric, progress
         self.rank = fabric.global_rank if fabric else 0
         self.world = fabric.world_size if fabric else 1
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # where batches go (the embedding's)
+        self.devices = sorted({p.device for p in model.parameters()}, key=str)  # device_map
         self._token_counts: dict[int, int] = {}  # train index -> answer tokens (data parallel)
         self.results: dict[str, Any] = dict(
             self._header(),
@@ -334,7 +335,7 @@ class Run:
         self.results["wall_time_s"] = elapsed0 + time.perf_counter() - t0
         self.results["train_time_s"] = train_s
         self.results["steps_per_s"] = (cfg.steps - start_step) / train_s if train_s > 0 else None
-        self.results["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        self.results["peak_memory_bytes"] = sum(peak_memory_bytes(d) for d in self.devices)
         if isinstance(self.opt.loss_reduce, LossAllReduce):
             self.results["communication"] = self.opt.loss_reduce.report(self.world)
             self.results["replicas_identical"] = self.replicas_identical()

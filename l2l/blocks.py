@@ -122,7 +122,12 @@ class ParamBlocks:
             var, mean = stats if stats is not None else _exact_var_mean(flat)
             means.append(mean)
             variances.append(var)
-        return torch.stack(means).float().cpu(), torch.stack(variances).float().cpu()
+        # blocks may live on several devices (a device_map split): gather on the first block's
+        home = self.params[0].device if self.params else torch.device("cpu")
+        return (
+            torch.stack([m.to(home) for m in means]).float().cpu(),
+            torch.stack([v.to(home) for v in variances]).float().cpu(),
+        )
 
 
 def _parts(flat: torch.Tensor):

@@ -290,6 +290,7 @@ class _ChunkedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self.m.weight, self.m.bias
+        x = x.to(w.device)  # a model split over devices (device_map) hands over activations
         wb, bb = self.entries["weight"], self.entries.get("bias")
         if bias is not None and bb is not None:
             bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
@@ -321,6 +322,7 @@ class _ChunkedEmbedding:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.m.weight.detach()
         out = self.forward(ids)  # (..., dim), unperturbed rows, same dtype as w
+        ids = ids.to(w.device)
         for c, (r0, r1) in enumerate(row_chunks(w.shape)):
             mask = (ids >= r0) & (ids < r1)
             if not bool(mask.any()):
@@ -351,6 +353,7 @@ class _LowRankLinear:
         bias, bb = self.m.bias, self.entries.get("bias")
         if bias is not None and bb is not None:
             bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
+        x = x.to(self.v.device)
         out = F.linear(x, self.m.weight.detach(), None if bias is None else bias.detach())
         xv = x.float() @ self.v  # (..., r)
         return _add_lowrank(out, xv, self.u, self.coeffs[self.entries["weight"]])
@@ -366,4 +369,4 @@ class _LowRankEmbedding:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.forward(ids)
-        return _add_lowrank(out, self.u[ids], self.v, self.coeffs[self.block])
+        return _add_lowrank(out, self.u[ids.to(self.u.device)], self.v, self.coeffs[self.block])

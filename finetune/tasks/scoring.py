@@ -151,7 +151,7 @@ def _token_logprobs(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
     ).logits  # (R, K, V): logits[:, k] belongs to position width - K + k
     offset = width - logits.shape[1]
-    rows, cols, tokens = (torch.tensor(c, device=device) for c in zip(*picks, strict=True))
+    rows, cols, tokens = (torch.tensor(c, device=logits.device) for c in zip(*picks, strict=True))
     picked = logits[rows, cols - offset].float().log_softmax(-1)  # (n_picks, V)
     return picked.gather(-1, tokens[:, None]).squeeze(-1).cpu()
 
