@@ -193,6 +193,13 @@ def load_model(
         raise ValueError("give device or device_map, not both")
     if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
         raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "a device_map needs the accelerate package: pip install 'l2l-zo[big]'"
+            ) from err
     if name_or_path in ("tiny-llama", "tiny-opt"):
         model, tokenizer = build_tiny(name_or_path)
     elif name_or_path == "smollm2-135m":
