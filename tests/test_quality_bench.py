@@ -1,0 +1,91 @@
+"""The bookkeeping of ``benchmarks/quality.py``: lr selection, the summary's statistics, and the
+process pool that runs (and resumes) the runs. The runs themselves are ``finetune`` runs, tested
+in ``test_finetune_cli.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    # on sys.path, so that the pool's spawned processes (which get the parent's sys.path) can
+    # import the module their initializer lives in
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("quality")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("quality", None)
+
+
+def run(losses, acc_after, acc_before=0.5, lr=1e-5, dev=None) -> dict:
+    r = dict(
+        train_loss=losses,
+        eval_before={"accuracy": acc_before},
+        eval_after={"accuracy": acc_after},
+        wall_time_s=float(len(losses)),
+        peak_memory_bytes=2**20,
+        config={"lr": lr},
+        spec={"lr": lr},
+    )
+    if dev is not None:
+        r["eval_dev"] = {"accuracy": dev}
+    return r
+
+
+def test_lr_is_chosen_on_dev_accuracy_then_loss(quality):
+    runs = [
+        run([3.0] * 10, acc_after=0.9, lr=1e-5, dev=0.6),  # best test accuracy: not looked at
+        run([2.0] * 10, acc_after=0.5, lr=3e-5, dev=0.7),
+        run([1.0] * 10, acc_after=0.5, lr=1e-4, dev=0.7),  # same dev accuracy, lower loss
+    ]
+    assert quality.best_lr(runs) == 1e-4
+    runs[2]["eval_dev"]["accuracy"] = 0.65
+    assert quality.best_lr(runs) == 3e-5
+
+
+def test_final_loss_and_steps_to_reach(quality):
+    r = run([float(x) for x in range(20, 0, -1)], acc_after=0.5)  # 20, 19, ..., 1
+    assert quality.final_loss(r) == pytest.approx(1.5)  # mean of the last 10%: 2 and 1
+    assert quality.steps_to_reach(r, 15.5) == 10  # 10-step mean of 20..11 is 15.5
+    assert quality.steps_to_reach(r, 16.0) == 9  # running mean of the first 9: 20..12 is 16
+    assert quality.steps_to_reach(r, 0.5) is None
+
+
+def test_summary_counts_tuner_wins_per_task_and_seed(quality):
+    args = argparse.Namespace(budget="small", model="m", tuner="t", tasks=["a", "b"], jobs=1)
+    budget = dict(steps=10, seeds=[0, 1], batch=8)
+    runs = {
+        ("a", "mezo"): [run([2.0] * 10, 0.60), run([2.0] * 10, 0.60)],
+        ("a", "mezo+tuner"): [run([1.0] * 10, 0.70), run([3.0] * 10, 0.60)],
+        ("b", "mezo"): [run([2.0] * 10, 0.50), run([2.0] * 10, 0.50)],
+        ("b", "mezo+tuner"): [run([1.0] * 10, 0.50), run([1.0] * 10, 0.54)],
+    }
+    text = quality.summarise(runs, args, budget, wall=60.0)
+    assert "lowest final loss of all methods in 3/4 (task, seed) pairs (75.0%" in text
+    assert "mezo+tuner vs mezo: lower final loss in 3/4" in text
+    assert "mean test-accuracy difference +3.5 points" in text  # (10 + 0 + 0 + 4) / 4
+    assert "| a | mezo+tuner | 1e-05 | 2.0000 ± 1.0000 | 0.500 -> 0.650 ± 0.050 |" in text
+
+
+def test_run_all_resumes_and_reports_failures(quality, tmp_path):
+    args = argparse.Namespace(jobs=2)
+    done = tmp_path / "done.json"
+    done.write_text(json.dumps({"cached": True}))
+    jobs = [
+        (done, dict, {"cached": False}),  # its JSON exists: read, not rerun
+        (tmp_path / "new.json", dict, {"x": 1}),  # runs in a fresh process
+    ]
+    assert quality.run_all(jobs, args, "test") == [{"cached": True}, {"x": 1}]
+    bad = [(tmp_path / "bad.json", int, "not a number"), (tmp_path / "ok.json", dict, {})]
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed:\nbad.json: ValueError"):
+        quality.run_all(bad, args, "test")
