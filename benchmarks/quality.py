@@ -336,6 +336,25 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
     return "\n".join(lines)
 
 
+def selection_table(selection: dict, lrs: dict, args, budget) -> str:
+    """Dev accuracy and final train loss of every lr-selection run, the chosen lr in bold."""
+    grid = budget["lrs"]
+    lines = [
+        f"Learning-rate selection ({args.tasks[0]}, seed 0, {budget['select_steps']} steps; "
+        "dev accuracy / final train loss; chosen in bold):",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
+    for (method, tuned), runs in selection.items():
+        cells = []
+        for r in runs:
+            cell = f"{r['eval_dev']['accuracy']:.2f} / {final_loss(r):.3f}"
+            cells.append(f"**{cell}**" if r["spec"]["lr"] == lrs[(method, tuned)] else cell)
+        lines.append(f"| {method}{'+tuner' if tuned else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(all_runs: dict, args) -> None:
     try:
         import matplotlib
@@ -407,7 +426,7 @@ def main(argv=None) -> None:
         "zero-shot",
     )
     # 1: lr selection on the first task's dev split
-    lrs = {}
+    lrs, selection = {}, {}
     if args.lr:
         lrs = {m: args.lr for m in methods}
     else:
@@ -418,7 +437,8 @@ def main(argv=None) -> None:
             for s in ss
         ]
         done = iter(run_all(jobs, args, "lr selection"))
-        lrs = {m: best_lr([next(done) for _ in ss]) for m, ss in select.items()}
+        selection = {m: [next(done) for _ in ss] for m, ss in select.items()}
+        lrs = {m: best_lr(runs) for m, runs in selection.items()}
     # 2: every (task, method, seed) at its chosen lr, and the first-order context rows
     specs = {
         (task, method + ("+tuner" if tuned else "")): [
@@ -438,6 +458,8 @@ def main(argv=None) -> None:
     all_runs = {key: [next(done) for _ in ss] for key, ss in specs.items()}
     first_order = list(done)
     text = summarise(all_runs, args, budget, time.perf_counter() - start)
+    if selection:
+        text += "\n\n" + selection_table(selection, lrs, args, budget)
     if args.first_order:
         rows = [
             "",

@@ -51,6 +51,10 @@ def test_lr_is_chosen_on_dev_accuracy_then_loss(quality):
     assert quality.best_lr(runs) == 1e-4
     runs[2]["eval_dev"]["accuracy"] = 0.65
     assert quality.best_lr(runs) == 3e-5
+    args = argparse.Namespace(tasks=["a"])
+    budget = dict(lrs=[1e-5, 3e-5, 1e-4], select_steps=10)
+    table = quality.selection_table({("mezo", False): runs}, {("mezo", False): 3e-5}, args, budget)
+    assert "| mezo | 0.60 / 3.000 | **0.70 / 2.000** | 0.65 / 1.000 |" in table
 
 
 def test_final_loss_and_steps_to_reach(quality):
