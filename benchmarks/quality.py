@@ -245,6 +245,7 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
             results[i] = json.loads(path.read_text())
         else:
             todo.append((i, call))
+    args.ran = getattr(args, "ran", 0) + len(todo)
     if not todo:
         return results
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -284,7 +285,12 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
         f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
         f"{args.jobs} run(s) at a time with {max(1, (os.cpu_count() or 1) // args.jobs)} torch "
         "thread(s) each, every run in a fresh process; "
-        f"wall time of this invocation {wall / 60:.1f} min, sum of the runs below "
+        + (
+            f"wall time of this invocation {wall / 60:.1f} min"
+            if getattr(args, "ran", 1)
+            else "every run read from its JSON (none ran in this invocation)"
+        )
+        + ", sum of the runs below "
         f"{sum(r['wall_time_s'] for rs in all_runs.values() for r in rs) / 60:.1f} min",
         "",
         "| task | method | lr | final train loss | test acc (before -> after) | steps to MeZO's final loss | s/step | peak MiB |",
