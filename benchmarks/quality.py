@@ -383,6 +383,7 @@ def plot(all_runs: dict, args) -> None:
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (mean over seeds)")
+        ax.set_yscale("log")  # a diverging run would flatten every other curve
         ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "loss_curves.png", dpi=120)
