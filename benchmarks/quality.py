@@ -222,6 +222,11 @@ def best_lr(runs: list[dict]) -> float:
     return best["spec"]["lr"]
 
 
+def threads_per_job(jobs: int) -> int:
+    """torch threads each of ``jobs`` concurrent runs gets."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
@@ -248,7 +253,6 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
     args.ran = getattr(args, "ran", 0) + len(todo)
     if not todo:
         return results
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     failures = []
     columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), TimeElapsedColumn())
     with (
@@ -256,7 +260,7 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
             args.jobs,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(threads,),
+            initargs=(threads_per_job(args.jobs),),
             max_tasks_per_child=1,
         ) as pool,
         Progress(*columns, disable=not sys.stderr.isatty()) as bar,
@@ -283,7 +287,7 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
         f"model {args.model}; tuner {args.tuner}; tasks {', '.join(args.tasks)}; "
         f"{budget['steps']} steps, batch {budget['batch']}, seeds {budget['seeds']}; "
         f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{args.jobs} run(s) at a time with {max(1, (os.cpu_count() or 1) // args.jobs)} torch "
+        f"{args.jobs} run(s) at a time with {threads_per_job(args.jobs)} torch "
         "thread(s) each, every run in a fresh process; "
         + (
             f"wall time of this invocation {wall / 60:.1f} min"
@@ -433,7 +437,7 @@ def main(argv=None) -> None:
         "zero-shot",
     )
     # 1: lr selection on the first task's dev split
-    lrs, selection = {}, {}
+    selection = {}
     if args.lr:
         lrs = {m: args.lr for m in methods}
     else:

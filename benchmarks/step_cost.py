@@ -107,14 +107,13 @@ def count_gaussians() -> list[int]:
     return drawn
 
 
-def sampler_seconds_per_element(device: str, repeats: int = 5) -> float:
+def sampler_seconds_per_element(device: str, sync, repeats: int = 5) -> float:
     """Time of one float32 N(0, 1) draw by ``torch``'s generator on ``device`` (into a reused
     buffer, as ``l2l`` draws transient chunks)."""
     from l2l.perturb import CHUNK_ELEMENTS
 
     buf = torch.empty(CHUNK_ELEMENTS, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     for _ in range(repeats + 1):
         sync()
@@ -166,7 +165,7 @@ def measure(args) -> dict:
         forwards=forwards,
         peak_bytes=peak_memory(args.device),
         gaussians_per_step=drawn[0] / (args.warmup + args.repeats),
-        sampler_seconds_per_element=sampler_seconds_per_element(args.device),
+        sampler_seconds_per_element=sampler_seconds_per_element(args.device, sync),
     )
     if args.what not in ("forward", "reference") and opt.block_scale is not None:
         row.update(tuner_cost(opt, sync))

@@ -208,11 +208,11 @@ def load_model(
         model, tokenizer = _from_pretrained(
             name_or_path, torch_dtype, trust_remote_code, device_map
         )
-    if device_map is not None and getattr(model, "hf_device_map", None) is None:
-        model = dispatch(model.to(torch_dtype), device_map)  # built from a config
-    check_no_offload(model)
-    if getattr(model, "hf_device_map", None) is None:
+    if device_map is None:
         model = model.to(torch_dtype)
+    elif getattr(model, "hf_device_map", None) is None:  # built from a config: split it now
+        model = dispatch(model.to(torch_dtype), device_map)
+    check_no_offload(model)
     if device is not None:
         model = model.to(device)
     _set_padding(model, tokenizer, name_or_path)
