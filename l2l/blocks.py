@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from l2l.shards import all_gather, is_sharded, local_rows, shard_group
+
 #: Blocks up to this many elements get exact float64 statistics (see ParamBlocks.statistics).
 EXACT_STATS = 1 << 16
 #: Larger blocks are reduced in parts of at most this many elements.
@@ -115,19 +117,38 @@ class ParamBlocks:
         (``mean^2 > 1e-3 E[x^2]``, where the subtraction would cancel digits) and for small
         blocks (biases, norm weights), the exact float64 ``var_mean`` is used.
         """
-        means, variances = [], []
-        for p in self.params:
-            flat = p.detach().reshape(-1)
+        means, variances, sharded = [], [], []
+        for b, p in enumerate(self.params):
+            flat = local_rows(p)[0].reshape(-1)  # FSDP2: this rank's rows (see l2l.shards)
             stats = None if flat.numel() <= EXACT_STATS else _fast_var_mean(flat)
             var, mean = stats if stats is not None else _exact_var_mean(flat)
             means.append(mean)
             variances.append(var)
+            if is_sharded(p):
+                sharded.append((b, flat.numel()))
+        if sharded:
+            _merge_shards(self.params, sharded, means, variances)
         # blocks may live on several devices (a device_map split): gather on the first block's
         home = self.params[0].device if self.params else torch.device("cpu")
         return (
             torch.stack([m.to(home) for m in means]).float().cpu(),
             torch.stack([v.to(home) for v in variances]).float().cpu(),
         )
+
+
+def _merge_shards(params, sharded, means, variances) -> None:
+    """Replace the per-shard mean/variance of the sharded blocks by the whole block's: one
+    all-gather of (count, mean, variance) per block, merged in rank order (Chan et al.)."""
+    moments = torch.stack([torch.stack([means[b], variances[b]]) for b, _ in sharded])
+    counts = torch.tensor([[float(n)] for _, n in sharded], dtype=torch.float64)
+    local = torch.cat([counts, moments.double().cpu()], dim=1)  # (S, 3), one device transfer
+    every = all_gather(local, shard_group(params), params[sharded[0][0]].device)  # (world, S, 3)
+    for i, (b, _) in enumerate(sharded):
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for count, mean_r, var_r in every[:, i].tolist():
+            n, mean, m2 = _chan(n, mean, m2, count, mean_r, var_r * count)
+        means[b] = torch.tensor(mean, dtype=torch.float64)
+        variances[b] = torch.tensor(m2 / max(n, 1.0), dtype=torch.float64)
 
 
 def _parts(flat: torch.Tensor):
@@ -152,13 +173,18 @@ def _exact_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = 0
     mean = m2 = torch.zeros((), dtype=torch.float64, device=flat.device)
     for part in flat.split(STATS_PART):
-        k = part.numel()
         var_k, mean_k = torch.var_mean(part.double(), correction=0)
-        delta = mean_k - mean
-        mean = mean + delta * k / (n + k)
-        m2 = m2 + var_k * k + delta * delta * n * k / (n + k)
-        n += k
+        n, mean, m2 = _chan(n, mean, m2, part.numel(), mean_k, var_k * part.numel())
     return m2 / max(n, 1), mean
+
+
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Count (a number), mean and sum of squared deviations of two merged sets (Chan et al.)."""
+    n = n_a + n_b
+    if n == 0:
+        return n, mean_a, m2_a
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
 
 
 def block_fingerprint(names: list[str], shapes: list[tuple[int, ...]]) -> str:

@@ -24,7 +24,8 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, block_features
 from l2l.methods.base import normalisation
-from l2l.perturb import Perturber, chunk_view, param_chunk_z, row_chunks
+from l2l.perturb import Perturber, param_chunk_z
+from l2l.shards import all_reduce_sum, is_sharded, local_chunks, shard_group
 
 
 @dataclass
@@ -53,11 +54,28 @@ def _z(blocks: ParamBlocks, seed: int, b: int, c: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _shift(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor) -> None:
-    """theta_b += coeffs[b] z_b in place."""
+    """theta_b += coeffs[b] z_b in place (a sharded block: the rows held here)."""
     for b, p in enumerate(blocks.params):
-        for c, (r0, r1) in enumerate(row_chunks(p.shape)):
-            view = chunk_view(p.data, r0, r1)
-            view.add_(_z(blocks, seed, b, c).to(view.dtype), alpha=float(coeffs[b]))
+        for c, view, rows in local_chunks(p):
+            view.add_(_z(blocks, seed, b, c)[rows].to(view.dtype), alpha=float(coeffs[b]))
+
+
+@torch.no_grad()
+def _grad_dot_z(blocks: ParamBlocks, seed: int) -> torch.Tensor:
+    """(B,) float64 <dL/dtheta_b, z_b>; sharded blocks sum their rows' parts over the ranks."""
+    dots = torch.zeros(len(blocks), dtype=torch.float64)
+    sharded = torch.zeros(len(blocks), dtype=torch.bool)
+    for b, p in enumerate(blocks.params):
+        if p.grad is None:
+            continue
+        sharded[b] = is_sharded(p.grad)
+        for c, grad, rows in local_chunks(p.grad):
+            dots[b] += float((grad.float() * _z(blocks, seed, b, c)[rows]).sum())
+    if bool(sharded.any()):
+        first = blocks.params[int(sharded.nonzero()[0])]
+        total = all_reduce_sum(dots * sharded, shard_group(blocks.params), first.device)
+        dots = torch.where(sharded, total, dots)
+    return dots
 
 
 def meta_step(
@@ -113,14 +131,7 @@ def meta_step(
         meta_loss = loss_fn()
         backward(meta_loss)
         # dL/dsigma_b = -lr_update g nf <grad_b, z_b>
-        dsigma = torch.zeros(len(blocks), dtype=torch.float64)
-        for b, p in enumerate(blocks.params):
-            if p.grad is None:
-                continue
-            for c, (r0, r1) in enumerate(row_chunks(p.shape)):
-                grad = chunk_view(p.grad, r0, r1).float()
-                dsigma[b] += float((grad * _z(blocks, seed, b, c)).sum())
-        dsigma *= -lr_update * g * float(nf)
+        dsigma = _grad_dot_z(blocks, seed) * (-lr_update * g * float(nf))
     finally:
         _shift(blocks, seed, -coeffs)
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()

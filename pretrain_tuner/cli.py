@@ -13,7 +13,8 @@ itself in the local zoo under ``--name`` (default: the output folder's name), so
 Data parallel: ``--strategy ddp --devices N`` (each rank meta-trains on its own minibatches; L+
 and L- are all-reduced, and DDP averages the gradients of the meta-step's two backward passes).
 On CPU this runs on the gloo backend: ``--accelerator cpu --devices 2 --strategy ddp``.
-Large models (13B) and FSDP: see docs/distributed.md.
+Sharded: ``--strategy fsdp`` (FSDP2: each decoder layer's weights, gradients and momentum split
+over the ranks; ``--accelerator cpu`` works too). Large models (13B): see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accelerator", default="auto")
     g.add_argument("--devices", default="auto")
     g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument("--strategy", default="auto", help="auto, ddp, fsdp, ...")
+    g.add_argument(
+        "--strategy", default="auto", help="auto, ddp, fsdp (FSDP2), or a Lightning strategy name"
+    )
     g.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32 on CPU")
     g.add_argument("--dtype", default="float32", help="dtype the base model is loaded in")
     g.add_argument(
@@ -163,13 +166,14 @@ def _quiet_lightning() -> None:
 
 
 def _strategy(name: str):
-    """``ddp`` -> DDP that tolerates the meta-step's two backward passes over disjoint params."""
+    """``ddp`` -> DDP that tolerates the meta-step's two backward passes over disjoint params;
+    ``fsdp`` -> FSDP2 (``fully_shard``) through Lightning's ModelParallelStrategy."""
+    if name == "fsdp":
+        return _fsdp2()
     if name.startswith(("fsdp", "deepspeed")):
         raise ValueError(
-            f"--strategy {name} is not supported yet: the meta-step perturbs and reads whole "
-            "parameter tensors, which sharded strategies replace by shards. Use --strategy ddp "
-            "(a 13B model fits one 80 GB GPU per rank in bf16 with --lr-model 0); see "
-            "docs/distributed.md for the FSDP plan"
+            f"--strategy {name} is not supported: use --strategy fsdp (FSDP2, every decoder "
+            "layer sharded over all ranks) or ddp; see docs/distributed.md"
         )
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -178,6 +182,46 @@ def _strategy(name: str):
         # bucket views: no second copy of the model's gradients (matters for a 13B model)
         return DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True)
     return name
+
+
+def _fsdp2():
+    """Lightning's ModelParallelStrategy with one data-parallel dimension over every rank.
+
+    Lightning's ``FSDPStrategy`` wraps with FSDP1, which needs CUDA; FSDP2 runs on CPU (gloo) as
+    well, so the sharded meta-step is tested here with 2 CPU processes. ``MetaTunerModule
+    .configure_model`` does the sharding. Checkpoints are distributed (a folder, each rank
+    writing its shard).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2(ModelParallelStrategy):
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+            self._tensor_parallel_size = 1
+            super().setup_environment()
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            # The tuner's SGD group has no momentum, so its parameters have no optimizer state,
+            # and torch's set_optimizer_state_dict refuses that unless strict=False, which
+            # Lightning does not pass. Loading stays strict where it matters: the distributed
+            # checkpoint load fails on any tensor (weight or momentum) missing from the folder.
+            import dataclasses
+
+            import torch.distributed.checkpoint.state_dict as dcp_state
+
+            strict = dcp_state.set_optimizer_state_dict
+
+            def lenient(model, optimizers, optim_state_dict, *, options=None):
+                options = dataclasses.replace(options or dcp_state.StateDictOptions(), strict=False)
+                return strict(model, optimizers, optim_state_dict, options=options)
+
+            dcp_state.set_optimizer_state_dict = lenient
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            finally:
+                dcp_state.set_optimizer_state_dict = strict
+
+    return FSDP2()
 
 
 def _trainer(args, output: Path):
@@ -320,7 +364,9 @@ def run(args) -> Path:
     )
     if trainer.world_size > 1:
         tuner.config.metrics.update(
-            world_size=trainer.world_size, replicas_identical=module.replicas_match
+            world_size=trainer.world_size,
+            replicas_identical=module.replicas_match,
+            sharded=module.sharded,
         )
     tuner.save_pretrained(output)
     _publish(args, output, tuner)

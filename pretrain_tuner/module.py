@@ -13,6 +13,14 @@ would make ``max_steps``, the step seeds and the checkpoint/log intervals count 
 Data parallel (DDP): each rank gets its own minibatches; L+ and L- are all-reduced (mean) so
 that ``g``, the look-ahead and the tuner inputs are the same on every rank, and DDP averages
 the gradients of both backward passes, so every rank applies the same updates.
+
+Sharded (FSDP2, Lightning's ``ModelParallelStrategy``): :meth:`configure_model` applies
+``fully_shard`` to every decoder layer and to the whole model, so each rank holds 1/N of the
+weights, their gradients and the momentum. The meta-step works on the rows each rank holds (see
+``l2l.shards``): the block statistics and the per-block ``<dL/dtheta_b, z_b>`` are reduced over
+the ranks (a (B, 3) all-gather and a (B,) all-reduce per step). The tuner is replicated and not
+wrapped: its inputs and its meta-gradient are built from reduced values, so every rank computes
+the same tuner gradient without a collective.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from l2l.blocks import ParamBlocks
 from l2l.meta import MetaState, advance_state, meta_step
 from l2l.perturb import mix_seed
+from l2l.shards import is_sharded, local_rows
 
 
 class MetaTunerModule(L.LightningModule):
@@ -52,10 +61,35 @@ class MetaTunerModule(L.LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.blocks = ParamBlocks.from_module(self.model)
-        # theta_0 for the periodic resets (kept on the CPU, never trained)
-        self._initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self._initial = self._snapshot()
         self.meta_state = MetaState()
         self.replicas_match: bool | None = None  # set after data-parallel training
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        """theta_0 for the periodic resets: the rows of every block held here, on the CPU."""
+        return [local_rows(p)[0].to("cpu", copy=True) for p in self.blocks.params]
+
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(p) for p in self.blocks.params)
+
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``); nothing otherwise.
+
+        Runs before a checkpoint is restored, so theta_0 is still the pretrained weights here.
+        """
+        if self.device_mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        layers = set(getattr(self.model, "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.blocks = ParamBlocks.from_module(self.model)  # fully_shard made new parameters
+        self._initial = self._snapshot()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -65,7 +99,12 @@ class MetaTunerModule(L.LightningModule):
         return torch.optim.SGD(groups, lr=hp.lr_tuner)
 
     def _loss(self, batch):
-        return self.model(**batch).loss
+        loss = self.model(**batch).loss
+        if self.sharded and not torch.is_grad_enabled():
+            # FSDP2 keeps the root's weights (embeddings, final norm, head) gathered after a
+            # forward, expecting a backward; the meta-step shifts the shards in place next
+            self.model.reshard()
+        return loss
 
     def _reduce(self, losses: torch.Tensor) -> torch.Tensor:
         """All-reduce (mean) of (L+, L-) across ranks: the same g on every rank."""
@@ -120,7 +159,8 @@ class MetaTunerModule(L.LightningModule):
     @torch.no_grad()
     def reset_model(self) -> None:
         """Back to theta_0, momentum cleared, tuner state back to sigma = 1 and losses 0."""
-        self.model.load_state_dict(self._initial)
+        for p, initial in zip(self.blocks.params, self._initial, strict=True):
+            local_rows(p)[0].copy_(initial)
         state = self.optimizers().optimizer.state
         for p in self.blocks.params:
             state.pop(p, None)  # momentum buffers
@@ -128,9 +168,11 @@ class MetaTunerModule(L.LightningModule):
 
     @torch.no_grad()
     def replicas_identical(self) -> bool:
-        """Whether all ranks hold the same tuner and model: float64 sum and sum of squares of
-        each tensor, whose all-reduce max and min agree only when all ranks agree."""
-        params = list(self.tuner.parameters()) + self.blocks.params
+        """Whether all ranks hold the same tuner and model (a sharded model: the tuner and the
+        blocks that are not sharded): float64 sum and sum of squares of each tensor, whose
+        all-reduce max and min agree only when all ranks agree."""
+        params = list(self.tuner.parameters())
+        params += [p for p in self.blocks.params if not is_sharded(p)]
         local = torch.stack(
             [torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]
         )

@@ -3,7 +3,7 @@
 ``finetune --strategy ddp --devices 2``: every rank uses the step's seed, computes its losses on
 its shard of the global batch and all-reduces them (24 bytes a step for HiZOO), so the weights
 after k steps match a single-process run, resumed or not. ``pretrain-tuner`` runs under
-Lightning's DDP. The processes are real (Lightning launches rank 1 itself), so these tests take
+Lightning's DDP and under FSDP2 (sharded), with the same results. The processes are real (Lightning launches rank 1 itself), so these tests take
 a few tens of seconds on two cores.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,15 +171,66 @@ def test_other_ranks_write_nothing(files, tmp_path, monkeypatch, capsys):
     assert "results in" not in capsys.readouterr().out
 
 
-def test_pretrain_tuner_under_ddp(files, tmp_path):
-    out = tmp_path / "tuner"
+def pretrain(files: dict[str, Path], out: Path, strategy: str, steps: int, *extra: str) -> dict:
+    """2 ranks, 2 meta-steps an epoch (16 examples in global batches of 4); a meta step size
+    large enough that the tuner moves measurably in a few steps."""
     argv = ["--model", "tiny-llama", "--tasks", str(files["task"]), "--output", str(out)]
-    argv += ["--max-steps", "2", "--batch-size", "4", "--n-train", "32", "--name", "none"]
-    argv += ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress"]
-    launch("pretrain_tuner.cli", argv, tmp_path / "home")
-    metrics = json.loads((out / "config.json").read_text())["metrics"]
-    assert metrics["world_size"] == 2 and metrics["steps"] == 2
-    assert metrics["replicas_identical"] is True  # tuner and model, checked across ranks
-    Tuner.load_folder(out)
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2
+    argv += ["--max-steps", str(steps), "--batch-size", "4", "--n-train", "16", "--name", "none"]
+    argv += ["--lr-update", "1e-2", "--lr-tuner", "1.0", "--lr-model", "0.05", *extra]
+    argv += ["--accelerator", "cpu", "--devices", "2", "--strategy", strategy, "--no-progress"]
+    launch("pretrain_tuner.cli", argv, out.parent / "home")
+    return json.loads((out / "config.json").read_text())["metrics"]
+
+
+def sharded_checkpoint_weights(folder: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The full state_dict of a distributed (FSDP2) checkpoint folder, through torch's converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, tmp / "full.pt")
+    return torch.load(tmp / "full.pt", weights_only=False)["state_dict"]
+
+
+def test_pretrain_tuner_fsdp_matches_ddp_and_resumes(files, tmp_path):
+    """2 meta-steps under FSDP2 (each rank holding half of every tensor) == 2 under DDP; both
+    resumed from their checkpoints to 4: the same tuner and the same base model again."""
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        first = pretrain(files, out, strategy, 2)
+        assert first["world_size"] == 2 and first["steps"] == 2
+        assert first["sharded"] is (strategy == "fsdp")
+        shutil.copytree(out, tmp_path / f"{strategy}-2", ignore=shutil.ignore_patterns("logs"))
+        resumed = pretrain(files, out, strategy, 4, "--resume")
+        assert resumed["steps"] == 4 and resumed["replicas_identical"] is True
+        runs[strategy] = resumed
+    for key in ("loss_plus", "loss_minus", "meta_loss", "sigma_min", "sigma_max"):
+        assert runs["fsdp"][key] == pytest.approx(runs["ddp"][key], rel=1e-5), key
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one per rank
+
+    for steps in ("-2", ""):
+        ddp, fsdp = tmp_path / f"ddp{steps}", tmp_path / f"fsdp{steps}"
+        assert_same_tuner_and_model(ddp, fsdp, tmp_path / f"convert{steps}")
+
+
+def assert_same_tuner_and_model(ddp: Path, fsdp: Path, scratch: Path) -> None:
+    model, _ = load_model("tiny-llama")
+    initial = Tuner.for_blocks(ParamBlocks.from_module(model), "l2l/tiny-llama", seed=0)
+    a, b = Tuner.load_folder(ddp), Tuner.load_folder(fsdp)
+    moved = max(
+        float((p - q).detach().abs().max())
+        for p, q in zip(a.parameters(), initial.parameters(), strict=True)
+    )
+    assert moved > 1e-3, "the tuner barely moved: the comparison would be vacuous"
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+    ddp_weights = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    scratch.mkdir()
+    fsdp_weights = sharded_checkpoint_weights(fsdp / "checkpoints" / "last.ckpt", scratch)
+    start = {f"model.{k}": v for k, v in model.state_dict().items()}
+    names = [k for k in ddp_weights if k.startswith("model.")]
+    assert names and sorted(names) == sorted(k for k in fsdp_weights if k.startswith("model."))
+    assert max(float((ddp_weights[k] - start[k]).abs().max()) for k in names) > 1e-3
+    for name in names:
+        torch.testing.assert_close(fsdp_weights[name], ddp_weights[name], rtol=1e-5, atol=1e-6)

@@ -149,6 +149,8 @@ def test_bad_settings_fail_before_training(task_file, tmp_path, capsys):
     assert "--precision 16-mixed is not supported" in capsys.readouterr().err
     assert main(pretrain_args(tmp_path / "missing.jsonl", out)) == 2
     assert "missing.jsonl does not exist" in capsys.readouterr().err
+    assert main(pretrain_args(task_file, out, "--strategy", "fsdp_cpu_offload")) == 2
+    assert "use --strategy fsdp (FSDP2" in capsys.readouterr().err
     assert not (out / "config.json").exists()
 
 
