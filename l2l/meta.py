@@ -63,14 +63,19 @@ def _shift(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor) -> None:
 @torch.no_grad()
 def _grad_dot_z(blocks: ParamBlocks, seed: int) -> torch.Tensor:
     """(B,) float64 <dL/dtheta_b, z_b>; sharded blocks sum their rows' parts over the ranks."""
-    dots = torch.zeros(len(blocks), dtype=torch.float64)
+    sums: dict[int, torch.Tensor] = {}  # block -> float64 sum on the block's device (no sync)
     sharded = torch.zeros(len(blocks), dtype=torch.bool)
     for b, p in enumerate(blocks.params):
         if p.grad is None:
             continue
         sharded[b] = is_sharded(p.grad)
         for c, grad, rows in local_chunks(p.grad):
-            dots[b] += float((grad.float() * _z(blocks, seed, b, c)[rows]).sum())
+            part = (grad.float() * _z(blocks, seed, b, c)[rows]).sum(dtype=torch.float64)
+            sums[b] = part if b not in sums else sums[b] + part
+    dots = torch.zeros(len(blocks), dtype=torch.float64)
+    if sums:  # one transfer to the host for all blocks
+        home = next(iter(sums.values())).device
+        dots[list(sums)] = torch.stack([v.to(home) for v in sums.values()]).cpu()
     if bool(sharded.any()):
         first = blocks.params[int(sharded.nonzero()[0])]
         total = all_reduce_sum(dots * sharded, shard_group(blocks.params), first.device)
