@@ -75,3 +75,30 @@ def test_meta_gradient_matches_finite_differences():
     assert analytic.abs().max() > 1e-6  # a real signal, not zeros on both sides
     torch.testing.assert_close(analytic, numeric, rtol=1e-3, atol=1e-8)
     assert abs(float(out.meta_loss) - meta_loss(w, b0)) < 1e-9
+
+
+def test_reset_model_restores_theta0_clears_momentum_and_tuner_state():
+    """ZO Fine-tuner's periodic reset (``--reset-every``), as MetaTunerModule does it."""
+    from types import SimpleNamespace
+
+    from finetune.models import load_model
+    from l2l.tuner import Tuner
+    from pretrain_tuner.module import MetaTunerModule
+
+    model, _ = load_model("tiny-llama")
+    tuner = Tuner.for_blocks(ParamBlocks.from_module(model), "l2l/tiny-llama", seed=0)
+    module = MetaTunerModule(model, tuner)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = module.configure_optimizers()
+    module.optimizers = lambda: SimpleNamespace(optimizer=opt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    first = module.blocks.params[0]
+    opt.state[first]["momentum_buffer"] = torch.ones_like(first)
+    module.meta_state = MetaState(1.0, 2.0, torch.ones(len(module.blocks)))
+
+    module.reset_model()
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert first not in opt.state
+    assert module.meta_state == MetaState()
