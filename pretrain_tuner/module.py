@@ -61,7 +61,7 @@ class MetaTunerModule(L.LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.blocks = ParamBlocks.from_module(self.model)
-        self._initial = self._snapshot()
+        self._initial: list[torch.Tensor] | None = None  # theta_0, taken by configure_model
         self.meta_state = MetaState()
         self.replicas_match: bool | None = None  # set after data-parallel training
 
@@ -74,22 +74,24 @@ class MetaTunerModule(L.LightningModule):
         return any(is_sharded(p) for p in self.blocks.params)
 
     def configure_model(self) -> None:
-        """FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``); nothing otherwise.
+        """Shard with FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``), then
+        keep theta_0 for the resets: after sharding, so each rank copies only its rows.
 
-        Runs before a checkpoint is restored, so theta_0 is still the pretrained weights here.
+        Lightning calls this before it restores a checkpoint, so theta_0 is the pretrained
+        weights on ``--resume`` too.
         """
-        if self.device_mesh is None or self.sharded:
-            return
-        from torch.distributed.fsdp import fully_shard
+        if self.device_mesh is not None and not self.sharded:
+            from torch.distributed.fsdp import fully_shard
 
-        mesh = self.device_mesh["data_parallel"]
-        layers = set(getattr(self.model, "_no_split_modules", None) or ())
-        for module in self.model.modules():
-            if type(module).__name__ in layers:
-                fully_shard(module, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-        self.blocks = ParamBlocks.from_module(self.model)  # fully_shard made new parameters
-        self._initial = self._snapshot()
+            mesh = self.device_mesh["data_parallel"]
+            layers = set(getattr(self.model, "_no_split_modules", None) or ())
+            for module in self.model.modules():
+                if type(module).__name__ in layers:
+                    fully_shard(module, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            self.blocks = ParamBlocks.from_module(self.model)  # fully_shard made new parameters
+        if self._initial is None:
+            self._initial = self._snapshot()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -10,7 +10,7 @@ from torch import nn
 
 
 def build() -> nn.Module:
-    """Odd row counts (7, 3, 5): shards of unequal size, chunks straddling the shard boundary."""
+    """Odd row counts (7 and 3): shards of unequal size, chunks straddling the shard boundary."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3), nn.LayerNorm(3))
 

@@ -88,6 +88,7 @@ def test_reset_model_restores_theta0_clears_momentum_and_tuner_state():
     model, _ = load_model("tiny-llama")
     tuner = Tuner.for_blocks(ParamBlocks.from_module(model), "l2l/tiny-llama", seed=0)
     module = MetaTunerModule(model, tuner)
+    module.configure_model()  # what Lightning calls first: takes theta_0
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = module.configure_optimizers()
     module.optimizers = lambda: SimpleNamespace(optimizer=opt)
