@@ -154,11 +154,15 @@ def _loggers(output: Path):
 
 
 def _quiet_lightning() -> None:
-    """Silence two Lightning warnings that do not apply to meta-training."""
+    """Silence the Lightning warnings that do not apply to meta-training."""
     # the checkpoint holds the state after the step, which is what --resume needs
     warnings.filterwarnings(
         "ignore", message=r"Using ModelCheckpoint with manual optimization", category=UserWarning
     )
+    # the batches are a function of the global step (pretrain_tuner.data.StepBatches), so a
+    # mid-epoch resume continues them exactly; one process reads them (no worker duplicates)
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     # the base model is kept in eval mode on purpose (no dropout: losses must be deterministic)
     warnings.filterwarnings(
         "ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning

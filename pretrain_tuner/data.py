@@ -1,29 +1,75 @@
-"""The meta-training data: minibatches from one or several tasks of the shared task registry."""
+"""The meta-training data: minibatches from one or several tasks of the shared task registry.
+
+The minibatch of global step ``t`` on rank ``r`` is a pure function of ``(seed, t, r)``, so a run
+resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen, whatever
+Lightning makes of the epoch it restarts in.
+"""
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from finetune.tasks import Example, Task, load_task, loss_batch
+from l2l.perturb import mix_seed
 
 MIXES = ("mixed", "alternating")
 
 
-class _Batches(Dataset):
-    """A list of example minibatches; the collate function tokenises one on demand."""
+class StepBatches(IterableDataset):
+    """The stream of minibatches from global step ``start()`` on, for rank ``rank`` of ``world``.
 
-    def __init__(self, batches: list[list[Example]]) -> None:
-        self.batches = batches
+    An epoch is ``len(self)`` steps of ``world`` batches each (the last step wraps around to the
+    first batches when ``world`` does not divide the number of batches, as ``DistributedSampler``
+    pads). Step ``t`` is in epoch ``e = t // len(self)`` at position ``p = t % len(self)``, and
+    rank ``r`` gets batch ``order_e[(p * world + r) % N]``: ``order_e`` is a permutation seeded by
+    ``(seed, e)`` when ``shuffle``, the given order otherwise.
+
+    ``start`` is read when iteration begins (the trainer's global step, restored on resume).
+    """
+
+    def __init__(
+        self,
+        batches: list[list[Example]],
+        *,
+        shuffle: bool,
+        seed: int,
+        start: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if not batches:
+            raise ValueError("no training batches: the tasks have no training examples")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.batches, self.shuffle, self.seed = batches, shuffle, seed
+        self.start, self.rank, self.world = start, rank, world
 
     def __len__(self) -> int:
-        return len(self.batches)
+        """Steps per epoch."""
+        return math.ceil(len(self.batches) / self.world)
 
-    def __getitem__(self, index: int) -> list[Example]:
-        return self.batches[index]
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.batches)
+        if not self.shuffle:
+            return list(range(n))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return torch.randperm(n, generator=gen).tolist()
+
+    def batch_index(self, step: int) -> int:
+        epoch, position = divmod(step, len(self))
+        return self.order(epoch)[(position * self.world + self.rank) % len(self.batches)]
+
+    def __iter__(self) -> Iterator[list[Example]]:
+        step = self.start()
+        while True:  # the trainer stops at the end of its epoch or at max_steps
+            yield self.batches[self.batch_index(step)]
+            step += 1
 
 
 def make_batches(
@@ -87,12 +133,15 @@ class MetaDataModule(L.LightningDataModule):
         return loss_batch(examples, self.tokenizer, max_length=self.max_length)
 
     def train_dataloader(self) -> DataLoader:
-        batches = make_batches(self.tasks, self.batch_size, self.mix, self.seed)
-        # mixed: reshuffle the batches every epoch; alternating: keep the round-robin order
-        return DataLoader(
-            _Batches(batches),
-            batch_size=1,
+        trainer = self.trainer
+        stream = StepBatches(
+            make_batches(self.tasks, self.batch_size, self.mix, self.seed),
+            # mixed: a new batch order every epoch; alternating: keep the round-robin order
             shuffle=self.mix == "mixed",
-            collate_fn=self._collate,
-            num_workers=0,
+            seed=self.seed,
+            start=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world=trainer.world_size if trainer is not None else 1,
         )
+        # one process reads the stream: it must see the trainer's global step when it starts
+        return DataLoader(stream, batch_size=1, collate_fn=self._collate, num_workers=0)

@@ -3,8 +3,8 @@
 Per training step: the meta-step (L+, L-, differentiable look-ahead, meta-loss) puts the
 meta-gradient in the tuner and dL/dtheta in the base model; the tuner takes an SGD step and the
 base model a first-order SGD-with-momentum step, so the tuner sees the states a fine-tuning run
-visits. Every ``reset_every`` epochs the base model goes back to its initial weights (ZO
-Fine-tuner's reset; the ablation shows it matters).
+visits. Every ``reset_every`` epochs (``reset_every`` x steps per epoch) the base model goes back
+to its initial weights (ZO Fine-tuner's reset; the ablation shows it matters).
 
 Both take their step from one SGD optimizer with two parameter groups: Lightning counts every
 ``optimizer.step()`` of a manual-optimization module as a global step, so two optimizers
@@ -153,9 +153,12 @@ class MetaTunerModule(L.LightningModule):
         if self.trainer.world_size > 1:  # every rank is here: a safe place for a collective
             self.replicas_match = self.replicas_identical()
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """The reset, every ``reset_every`` epochs counted in steps: a resumed run resets at the
+        same steps as an uninterrupted one, whatever Lightning makes of the restarted epoch."""
         every = self.hparams.reset_every
-        if every and self.current_epoch > 0 and self.current_epoch % every == 0:
+        period = every * self.trainer.num_training_batches
+        if every and self.global_step > 0 and self.global_step % period == 0:
             self.reset_model()
 
     @torch.no_grad()

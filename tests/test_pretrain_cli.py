@@ -127,18 +127,35 @@ def test_registered_in_local_zoo_and_used_by_finetune(trained, task_file, tmp_pa
     assert results["model"] == "tiny-llama" and results["tuner"]["spec"] == "tiny-meta"
 
 
-@pytest.mark.filterwarnings("ignore:You.re resuming from a checkpoint that ended before the epoch")
-def test_resume_continues_the_global_step(task_file, tmp_path, monkeypatch):
+def csv_losses(out: Path) -> dict[int, str]:
+    with (out / "logs" / "metrics.csv").open(newline="") as f:
+        return {int(r["step"]): r["loss_plus"] for r in csv.DictReader(f) if r.get("loss_plus")}
+
+
+def model_weights(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # mid-epoch, and at the epoch end where the reset falls
+def test_interrupted_then_resumed_equals_uninterrupted(task_file, tmp_path, monkeypatch, stop):
+    """6 batches an epoch, a reset every epoch: 8 steps in one run == ``stop`` steps, then
+    ``--resume`` to 8: the same batches (losses), the same tuner, the same base model."""
     monkeypatch.setenv("L2L_HOME", str(tmp_path / "home"))
-    out = tmp_path / "tuner"
-    assert main(pretrain_args(task_file, out, "--name", "none", steps=2)) == 0
-    first = load_file(str(out / "model.safetensors"))
-    assert checkpoint_step(out) == 2
-    assert main(pretrain_args(task_file, out, "--name", "none", "--resume", steps=4)) == 0
-    assert checkpoint_step(out) == 4
-    assert csv_steps(out) == [0, 1, 2, 3]  # the first run's rows are kept
-    assert json.loads((out / "config.json").read_text())["metrics"]["steps"] == 4
-    assert not torch.equal(load_file(str(out / "model.safetensors"))["w1"], first["w1"])
+    common = ("--name", "none", "--reset-every", "1")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(pretrain_args(task_file, whole, *common, steps=8)) == 0
+    assert main(pretrain_args(task_file, parts, *common, steps=stop)) == 0
+    assert checkpoint_step(parts) == stop
+    assert main(pretrain_args(task_file, parts, *common, "--resume", steps=8)) == 0
+    assert checkpoint_step(parts) == 8
+    assert csv_steps(parts) == list(range(8))  # the first run's rows are kept
+    assert json.loads((parts / "config.json").read_text())["metrics"]["steps"] == 8
+    assert csv_losses(parts) == csv_losses(whole)
+    a, b = load_file(str(parts / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = model_weights(parts), model_weights(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_settings_fail_before_training(task_file, tmp_path, capsys):
