@@ -341,8 +341,28 @@ def _add_lowrank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, coe
     return term.mul_(coeff).add_(out.float()).to(out.dtype)
 
 
+def factored_is_cheaper(tokens: int, rows: int, cols: int) -> bool:
+    """Whether ``x W^T + c (x V) U^T`` beats ``x (W + c U V^T)^T`` for a (rows, cols) weight.
+
+    Both share the product with a (rows, cols) matrix. The factored form adds two rank-r products
+    that read all of ``x`` and an add over (tokens, rows); the materialised one adds a
+    (rows, cols) copy of W. With r small both are memory bound, so the factored form is cheaper
+    only when ``tokens (rows + cols) < rows cols``: wide layers and few tokens.
+    """
+    return tokens * (rows + cols) < rows * cols
+
+
+def lowrank_perturbed(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, coeff: float):
+    """``w + coeff U V^T`` (the low-rank term in float32), in ``w``'s dtype: a new tensor."""
+    if w.dtype in (torch.float32, torch.float64):
+        return torch.addmm(w, u.to(w.dtype), v.T.to(w.dtype), alpha=coeff)
+    return torch.addmm(w.float(), u, v.T, alpha=coeff).to(w.dtype)
+
+
 class _LowRankLinear:
-    """``nn.Linear`` at ``W + c U V^T``: ``x W^T + c (x V) U^T``; z is never materialised."""
+    """``nn.Linear`` at ``W + c U V^T``: as ``x W^T + c (x V) U^T`` when that is cheaper (see
+    :func:`factored_is_cheaper`), else with a transient perturbed copy of W (one module's weight,
+    at most ``CHUNK_ELEMENTS``, like the Gaussian path)."""
 
     def __init__(self, module, entries, coeffs, direction, used, factors):
         self.m, self.entries, self.coeffs, self.direction = module, entries, coeffs, direction
@@ -353,10 +373,14 @@ class _LowRankLinear:
         bias, bb = self.m.bias, self.entries.get("bias")
         if bias is not None and bb is not None:
             bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
+        bias = None if bias is None else bias.detach()
         x = x.to(self.v.device)
-        out = F.linear(x, self.m.weight.detach(), None if bias is None else bias.detach())
+        w, coeff = self.m.weight.detach(), self.coeffs[self.entries["weight"]]
+        if w.numel() <= CHUNK_ELEMENTS and not factored_is_cheaper(x[..., 0].numel(), *w.shape):
+            return F.linear(x, lowrank_perturbed(w, self.u, self.v, coeff), bias)
+        out = F.linear(x, w, bias)
         xv = x.float() @ self.v  # (..., r)
-        return _add_lowrank(out, xv, self.u, self.coeffs[self.entries["weight"]])
+        return _add_lowrank(out, xv, self.u, coeff)
 
 
 class _LowRankEmbedding:

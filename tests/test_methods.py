@@ -216,10 +216,13 @@ def test_update_follows_the_measured_direction(name):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_lozo_factored_forward_matches_materialised(arch, momentum):
-    """On a module, LOZO runs linear layers and embeddings (tied ones included) as
-    x W^T + c (x V) U^T and updates with one addmm; this must measure the same losses and reach
-    the same weights as perturbing materialised U V^T copies (the .data swap path)."""
+@pytest.mark.parametrize("factored", [True, False])
+def test_lozo_factored_forward_matches_materialised(arch, momentum, factored, monkeypatch):
+    """On a module, LOZO runs linear layers as x W^T + c (x V) U^T (``factored``) or with a
+    transient W + c U V^T (whichever is cheaper; both forced here), embeddings (tied ones
+    included) in factored form, and updates with one addmm; this must measure the same losses and
+    reach the same weights as perturbing materialised U V^T copies (the .data swap path)."""
+    monkeypatch.setattr(perturb, "factored_is_cheaper", lambda *shape: factored)
     runs = []
     for use_module in (True, False):
         model = tiny_lm(arch)
