@@ -12,7 +12,9 @@ time). With bare tensors, each ``param.data`` is swapped for a perturbed copy fo
 the forward. Either way the original storage is untouched, so the parameters are bit-for-bit
 restored in every dtype -- unlike the reference ``+eps, -2eps, +eps`` in-place trick, which drifts
 in half precision. A direction with a low-rank form ``z = U V^T`` (LOZO) is applied to
-``nn.Linear``/``nn.Embedding`` weights in factored form and never materialised.
+``nn.Embedding`` weights in factored form and never materialised; an ``nn.Linear`` runs in factored
+form or with a transient ``W + c U V^T``, whichever is cheaper for the batch
+(:func:`factored_is_cheaper`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ _MASK64 = (1 << 64) - 1
 Direction = Callable[[int, int], torch.Tensor]
 
 # factors(block) -> (U (m, r), V (n, r)) float32 with z_b = U V^T, or None when block b's direction
-# has no low-rank form (LOZO's matrices have one). A perturbed nn.Linear/nn.Embedding then never
-# materialises z: x (W + c U V^T)^T = x W^T + c (x V) U^T costs O(tokens (m + n) r).
+# has no low-rank form (LOZO's matrices have one). A perturbed nn.Linear/nn.Embedding then need not
+# materialise z: x (W + c U V^T)^T = x W^T + c (x V) U^T costs O(tokens (m + n) r).
 Factors = Callable[[int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 

@@ -215,7 +215,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(U, V)`` with ``z_b = U V^T`` when block ``b``'s direction is low rank, else None;
-        the perturbed forward then never materialises ``z_b`` (see ``l2l.perturb``)."""
+        the perturbed forward then need not materialise ``z_b`` (see ``l2l.perturb``)."""
         return None
 
     def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[float]:

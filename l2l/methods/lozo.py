@@ -86,7 +86,8 @@ class LOZO(ZOOptimizer):
         return u @ self.state[self.blocks.params[block]]["v"].T  # (rows, r) @ (r, n)
 
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(U, V) of a matrix block: linear layers and embeddings run ``x W^T + c (x V) U^T``."""
+        """(U, V) of a matrix block: embeddings (and linear layers, when cheaper) run
+        ``x W^T + c (x V) U^T``."""
         if not self._is_matrix(block):
             return None
         p = self.blocks.params[block]
