@@ -49,17 +49,21 @@ class StepBatches(IterableDataset):
             raise ValueError(f"rank must be in [0, {world}), got {rank}")
         self.batches, self.shuffle, self.seed = batches, shuffle, seed
         self.start, self.rank, self.world = start, rank, world
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, order): drawn once an epoch
 
     def __len__(self) -> int:
         """Steps per epoch."""
         return math.ceil(len(self.batches) / self.world)
 
     def order(self, epoch: int) -> list[int]:
-        n = len(self.batches)
-        if not self.shuffle:
-            return list(range(n))
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        return torch.randperm(n, generator=gen).tolist()
+        if self._order[0] != epoch:
+            n = len(self.batches)
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+                self._order = (epoch, torch.randperm(n, generator=gen).tolist())
+            else:
+                self._order = (epoch, list(range(n)))
+        return self._order[1]
 
     def batch_index(self, step: int) -> int:
         epoch, position = divmod(step, len(self))
@@ -134,14 +138,19 @@ class MetaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        where = {}  # without a trainer: one process from step 0 (StepBatches' defaults)
+        if trainer is not None:
+            where = dict(
+                start=lambda: trainer.global_step,
+                rank=trainer.global_rank,
+                world=trainer.world_size,
+            )
         stream = StepBatches(
             make_batches(self.tasks, self.batch_size, self.mix, self.seed),
             # mixed: a new batch order every epoch; alternating: keep the round-robin order
             shuffle=self.mix == "mixed",
             seed=self.seed,
-            start=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
-            rank=trainer.global_rank if trainer is not None else 0,
-            world=trainer.world_size if trainer is not None else 1,
+            **where,
         )
         # one process reads the stream: it must see the trainer's global step when it starts
         return DataLoader(stream, batch_size=1, collate_fn=self._collate, num_workers=0)
