@@ -3,7 +3,7 @@
 ZOSGD never stores z, so every step draws it three times (two forwards and the update); on CPU
 torch's sampler, not the arithmetic, is what keeps the step above 1.10 forward pairs
 (``step_cost.py`` prints that floor). This script times, in one process, the ways of drawing
-float32 Gaussians one could put behind ``l2l.perturb.gaussian_chunk``:
+float32 Gaussians one could put behind ``l2l.z.gaussian_chunk``:
 
 * ``torch normal_``: what ``l2l`` does (one seeded generator per z chunk, a reused buffer);
 * ``torch normal_, 2 threads``: two chunks drawn at once by two generators (keeps z as defined);
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2l.perturb import CHUNK_ELEMENTS
+from l2l.z import CHUNK_ELEMENTS
 
 _M64 = (1 << 64) - 1
 

@@ -95,8 +95,8 @@ def zero_shot(task_name: str, args, budget: dict, model=None, tok=None) -> dict:
     path = zero_shot_path(task_name, args, budget)
     if path.exists():
         return json.loads(path.read_text())
-    from finetune.models import load_model
-    from finetune.tasks import evaluate, load_task
+    from llm.models import load_model
+    from llm.tasks import evaluate, load_task
 
     if model is None:
         model, tok = load_model(args.model)
@@ -164,9 +164,9 @@ def first_order_run(task_name: str, args, budget: dict, lr: float = 1e-5) -> dic
         return json.loads(path.read_text())
     import torch
 
-    from finetune.models import load_model
     from finetune.run import batch_indices, peak_memory_bytes
-    from finetune.tasks import evaluate, load_task, loss_batch
+    from llm.models import load_model
+    from llm.tasks import evaluate, load_task, loss_batch
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)

@@ -110,7 +110,7 @@ def count_gaussians() -> list[int]:
 def sampler_seconds_per_element(device: str, sync, repeats: int = 5) -> float:
     """Time of one float32 N(0, 1) draw by ``torch``'s generator on ``device`` (into a reused
     buffer, as ``l2l`` draws transient chunks)."""
-    from l2l.perturb import CHUNK_ELEMENTS
+    from l2l.z import CHUNK_ELEMENTS
 
     buf = torch.empty(CHUNK_ELEMENTS, device=device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -29,8 +29,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.model_ids import DEVICE_MAPS
 from finetune.run import METHODS, RunConfig
+from llm.ids import DEVICE_MAPS
 
 # finetune's own defaults where neither the command line nor the tuner's registry entry says
 DEFAULT_LR = {"mezo": 1e-6, "hizoo": 1e-6, "lozo": 1e-6, "lozo-m": 1e-6}
@@ -170,10 +170,10 @@ def setup(args):
     """Resolve tuner, model, task and optimizer; returns a ready :class:`finetune.run.Run`."""
     import torch
 
-    from finetune.model_ids import offline_name
-    from finetune.models import load_model
     from finetune.run import LossAllReduce, Run, make_optimizer
-    from finetune.tasks import load_task
+    from llm.ids import offline_name
+    from llm.models import load_model
+    from llm.tasks import load_task
 
     tuner, tuner_info, defaults = None, None, {}
     if args.tuner.lower() != "none":
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.list_tasks:
-        from finetune.tasks import describe_tasks
+        from llm.tasks import describe_tasks
 
         for name, desc in describe_tasks().items():
             print(f"{name:16s} {desc}")

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from l2l.io import write_json as _write_json
+
 
 class OutputError(OSError):
     """The output folder cannot be written (permissions, disk full, not a folder)."""
@@ -47,19 +49,10 @@ def check_writable(folder: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, fsync, rename)."""
-    tmp = None
+    """Write JSON atomically (:func:`l2l.io.write_json`), with an error that says what to do."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_json(path, data)
     except OSError as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
         raise explain_write_error(path, e) from e
 
 

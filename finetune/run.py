@@ -191,7 +191,7 @@ class Run:
         With ``W`` ranks, shard ``r`` holding ``n_r`` of the ``N`` answer tokens returns
         ``mean_r * n_r * W / N``, whose all-reduce mean is the token mean of the global batch.
         """
-        from finetune.tasks import loss_batch
+        from llm.tasks import loss_batch
 
         train, cfg = self.task.train, self.cfg
         idx = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
@@ -206,7 +206,7 @@ class Run:
 
     def _answer_tokens(self, index: int) -> int:
         """Loss tokens of training example ``index`` (they add up over a batch), cached."""
-        from finetune.tasks import loss_batch
+        from llm.tasks import loss_batch
 
         if index not in self._token_counts:
             example = self.task.train[index]
@@ -216,7 +216,7 @@ class Run:
 
     def evaluate(self, split: str) -> dict:
         """Metrics on the first ``eval_examples`` of ``split``; sharded over the ranks."""
-        from finetune.tasks import evaluate
+        from llm.tasks import evaluate
 
         examples = self.task.split(split)[: self.cfg.eval_examples]
         mine = examples[self.rank :: self.world]

@@ -24,8 +24,9 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, block_features
 from l2l.methods.base import normalisation
-from l2l.perturb import Perturber, param_chunk_z
+from l2l.perturb import Perturber
 from l2l.shards import all_reduce_sum, is_sharded, local_chunks, shard_group
+from l2l.z import param_chunk_z
 
 
 @dataclass

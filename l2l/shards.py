@@ -2,7 +2,7 @@
 
 ``fully_shard`` replaces each parameter by a ``DTensor`` sharded along dim 0 over a 1-D device
 mesh: rank ``r`` of ``W`` ranks holds rows ``[r k, (r + 1) k)`` with ``k = ceil(rows / W)``
-(``torch.chunk``'s split). Those are the same rows :func:`l2l.perturb.row_chunks` cuts ``z``
+(``torch.chunk``'s split). Those are the same rows :func:`l2l.z.row_chunks` cuts ``z``
 along, so a rank perturbs, shifts and dots its own rows with the matching rows of the seeded
 chunks and never needs the rest of the tensor; only chunks that overlap its rows are drawn.
 Everything else (names, shapes, element counts, the fingerprint) uses the global shape, so a
@@ -19,6 +19,8 @@ from types import EllipsisType
 
 import torch
 import torch.distributed as dist
+
+from l2l.z import row_chunks
 
 try:  # torch >= 2.5 public path; 2.4 keeps it under _tensor
     from torch.distributed.tensor import DTensor, Shard
@@ -60,7 +62,6 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def local_chunks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, slice | EllipsisType]]:
     """For each direction chunk ``c`` of ``t`` that overlaps the rows held here:
     ``(c, view of those rows of t, index of the same rows in chunk c's z)``."""
-    from l2l.perturb import row_chunks  # (l2l.perturb imports l2l.blocks, which imports us)
 
     local, start = local_rows(t)
     if t.ndim == 0:

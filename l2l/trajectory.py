@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from l2l.io import write_json
 from l2l.methods.base import StepRecord, ZOOptimizer
 
 FORMAT = "l2l-trajectory"
@@ -51,20 +51,7 @@ class Trajectory:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename): a crash never leaves a truncated file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:

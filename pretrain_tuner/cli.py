@@ -308,10 +308,10 @@ def recipe(args) -> dict:
 def run(args) -> Path:
     import lightning as L
 
-    from finetune.model_ids import base_model_id
-    from finetune.models import load_model
     from l2l.blocks import ParamBlocks
     from l2l.tuner import Tuner
+    from llm.ids import base_model_id
+    from llm.models import load_model
     from pretrain_tuner.data import MetaDataModule
     from pretrain_tuner.module import MetaTunerModule
 

@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from finetune.tasks import Example, Task, load_task, loss_batch
-from l2l.perturb import mix_seed
+from l2l.z import mix_seed
+from llm.tasks import Example, Task, load_task, loss_batch
 
 MIXES = ("mixed", "alternating")
 

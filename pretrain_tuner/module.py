@@ -30,8 +30,8 @@ import torch
 
 from l2l.blocks import ParamBlocks
 from l2l.meta import MetaState, advance_state, meta_step
-from l2l.perturb import mix_seed
 from l2l.shards import is_sharded, local_rows
+from l2l.z import mix_seed
 
 
 class MetaTunerModule(L.LightningModule):

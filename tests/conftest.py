@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture
 def tiny_model():
     """A fresh ``(model, tokenizer)`` for the built-in ``tiny-llama`` (same weights every time)."""
-    from finetune.models import load_model
+    from llm.models import load_model
 
     return load_model("tiny-llama")

@@ -41,10 +41,10 @@ def run(rank: int, world: int, port: int, queue) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        import l2l.perturb
+        import l2l.z
         from l2l.blocks import ParamBlocks
 
-        l2l.perturb.CHUNK_ELEMENTS = 8  # several z chunks per block, cut across the shards
+        l2l.z.CHUNK_ELEMENTS = 8  # several z chunks per block, cut across the shards
         reference = build()
         expected = results(reference, ParamBlocks.from_module(reference))
         sharded = build()

@@ -20,8 +20,9 @@ from torch import nn
 from zo_helpers import lm_closure, snapshot, tiny_lm
 
 from finetune.cli import main
-from finetune.models import check_no_offload, load_model
-from l2l import LOZO, ZOSGD, HiZOO, perturb
+from l2l import LOZO, ZOSGD, HiZOO
+from l2l import z as zdef
+from llm.models import check_no_offload, load_model
 
 METHODS = {
     "mezo": (ZOSGD, {}),
@@ -38,10 +39,10 @@ def split_map(model) -> dict[str, str]:
     return {n: "cpu" for n in names}
 
 
-@pytest.mark.parametrize("chunk", [perturb.CHUNK_ELEMENTS, 257], ids=["whole", "chunked"])
+@pytest.mark.parametrize("chunk", [zdef.CHUNK_ELEMENTS, 257], ids=["whole", "chunked"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_dispatched_model_steps_like_the_plain_one(method, chunk, monkeypatch):
-    monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", chunk)  # 257: chunked lm_head/embedding
+    monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", chunk)  # 257: chunked lm_head/embedding
     cls, kw = METHODS[method]
     plain = tiny_lm("llama")
     split = dispatch_model(copy.deepcopy(plain), split_map(plain), force_hooks=True)

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cli import main as finetune
-from finetune.models import load_model
 from l2l import Trajectory
 from l2l.blocks import ParamBlocks
 from l2l.tuner import Tuner
+from llm.models import load_model
 
 TIMEOUT_S = 240
 

@@ -7,7 +7,7 @@ from zo_helpers import Quadratic, lm_closure, snapshot, tiny_lm
 
 from l2l import ZOSGD, HiZOO, ParamBlocks, hessian_diag_estimate
 from l2l.methods.reference import mezo_reference_step
-from l2l.perturb import gaussian_block
+from l2l.z import gaussian_block
 
 
 def test_spsa_estimate_aligns_with_true_gradient():

@@ -20,11 +20,11 @@ from hub_server import set_offline
 from safetensors.torch import load_file
 
 from finetune.cli import main
-from finetune.models import load_model
 from finetune.run import Run
 from l2l import Trajectory, replay
 from l2l.blocks import ParamBlocks
 from l2l.tuner import Tuner
+from llm.models import load_model
 from tuner_zoo.resolve import register_local
 
 METHODS = ("mezo", "hizoo", "lozo", "lozo-m")
@@ -170,7 +170,7 @@ def test_tuner_by_local_zoo_name_brings_its_base_model(task_file, tuner_dir, tmp
 
 
 def test_offline_sentiment_task(tmp_path):
-    # the data is built once from a PyPI sdist into ~/.cache/l2l (finetune.assets)
+    # the data is built once from a PyPI sdist into ~/.cache/l2l (llm.assets)
     out = tmp_path / "out"
     assert main(args_for("tweets", out, "--model", "tiny-opt", steps=2)) == 0
     results = read_results(out)

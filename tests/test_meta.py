@@ -7,7 +7,7 @@ import torch
 from l2l import ParamBlocks
 from l2l.blocks import block_features
 from l2l.meta import MetaState, meta_step
-from l2l.perturb import gaussian_block
+from l2l.z import gaussian_block
 
 
 class LinearTuner(torch.nn.Module):
@@ -81,8 +81,8 @@ def test_reset_model_restores_theta0_clears_momentum_and_tuner_state():
     """ZO Fine-tuner's periodic reset (``--reset-every``), as MetaTunerModule does it."""
     from types import SimpleNamespace
 
-    from finetune.models import load_model
     from l2l.tuner import Tuner
+    from llm.models import load_model
     from pretrain_tuner.module import MetaTunerModule
 
     model, _ = load_model("tiny-llama")

@@ -7,6 +7,7 @@ import torch
 from zo_helpers import Quadratic, lm_closure, same_bits, snapshot, tiny_lm
 
 import l2l.perturb as perturb
+import l2l.z as zdef
 from l2l import LOZO, ZOSGD, HiZOO, NonFiniteLossError, ParamBlocks
 
 METHODS = {
@@ -70,11 +71,11 @@ def test_module_and_data_swap_modes_agree(method, monkeypatch):
     cls, kw = method
     # 257: embedding/lm_head take the chunked paths; 100: the lm_head multiplies a few rows at once
     for chunk, matmul in (
-        (perturb.CHUNK_ELEMENTS, perturb.MATMUL_ELEMENTS),
+        (zdef.CHUNK_ELEMENTS, perturb.MATMUL_ELEMENTS),
         (257, 1 << 20),
         (257, 100),
     ):
-        monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", chunk)
         monkeypatch.setattr(perturb, "MATMUL_ELEMENTS", matmul)
         runs = []
         for mode in ("module", "params"):

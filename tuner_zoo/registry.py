@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from l2l.io import l2l_home
+
 REGISTRY_FILE = "registry.json"
-ENV_HOME = "L2L_HOME"
 STATUSES = ("available", "bundled", "importable", "planned: not trained yet")
 
 
@@ -62,12 +61,6 @@ def _entry(name: str, data: dict[str, Any]) -> ZooEntry:
     if not entry.base_models:
         raise ValueError(f"{REGISTRY_FILE}: tuner {name!r} lists no base_models")
     return entry
-
-
-def l2l_home() -> Path:
-    """``$L2L_HOME`` or ``~/.cache/l2l``: the user's zoo and registry live here."""
-    home = os.environ.get(ENV_HOME)
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "l2l"
 
 
 def _read(text: str, source: str) -> dict[str, ZooEntry]:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from l2l.blocks import ParamBlocks, block_features, is_no_decay
-from l2l.perturb import Perturber, chunk_view, mix_seed, row_chunks
+from l2l.perturb import Perturber
+from l2l.z import chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
 LossReduce = Callable[[torch.Tensor], torch.Tensor]

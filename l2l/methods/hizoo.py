@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
-from l2l.perturb import chunk_view, param_chunk_z, row_chunks
+from l2l.z import chunk_view, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.perturb import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
+from l2l.z import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
 
 _V_STREAM = 0x56  # "V"
 

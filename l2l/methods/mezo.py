@@ -9,7 +9,7 @@ z is regenerated from the step seed for each forward and for the update, never s
 from __future__ import annotations
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.perturb import param_chunk_z
+from l2l.z import param_chunk_z
 
 
 class ZOSGD(ZOOptimizer):

@@ -3,7 +3,7 @@
 Four in-place passes per step, each re-generating z parameter by parameter from the step seed:
 +eps z, -2 eps z, +eps z (restore), then the update. It is slow and, in half precision, the
 restore drifts; :class:`l2l.ZOSGD` must follow the same trajectory (allclose) in float32.
-z_b is :func:`l2l.perturb.gaussian_block` so both draw the same numbers.
+z_b is :func:`l2l.z.gaussian_block` so both draw the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from l2l.blocks import ParamBlocks, is_no_decay
-from l2l.perturb import gaussian_block
+from l2l.z import gaussian_block
 
 
 def _perturb_parameters(blocks: ParamBlocks, seed: int, scale: float) -> None:

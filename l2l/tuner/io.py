@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,75 +10,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from l2l.io import atomic_directory as _atomic_directory
 from l2l.tuner.config import ARTIFACT_FILES, TunerFormatError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and give the tree ordinary permissions (mkdtemp and some writers use
-    0700/0600, which would make a published tuner private)."""
-    mask = _umask()
-    folder.chmod(0o777 & ~mask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _swap_into_place(staged: Path, target: Path) -> None:
-    """Make ``staged`` appear at ``target`` with renames only.
-
-    A missing or empty target, or one holding only tuner files, is replaced as a whole (the old
-    folder is renamed aside, then deleted). A target that also holds other files (logs, a user's
-    checkpoints) is never deleted: the tuner files are moved in one by one, config.json last, each
-    with an atomic ``os.replace``.
-    """
-    if not target.exists():
-        os.rename(staged, target)
-        return
-    existing = {p.name for p in target.iterdir()}
-    if existing <= set(ARTIFACT_FILES):
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, aside / target.name)
-        try:
-            os.rename(staged, target)
-        except OSError:
-            os.rename(aside / target.name, target)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-        return
-    names = sorted((p.name for p in staged.iterdir()), key=lambda n: n == "config.json")
-    for name in names:
-        os.replace(staged / name, target / name)
-    shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder next to ``target``; on success it replaces ``target``.
-
-    On any exception (or a crash) the staging folder is removed and ``target`` is untouched, so a
-    reader never sees a half-written tuner. The staging folder is a hidden sibling so the final
-    rename stays on one filesystem.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder: choose another output path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """A tuner folder written crash-safely (:func:`l2l.io.atomic_directory`): a folder holding
+    only tuner files is replaced whole, one that also holds a user's files gets the tuner files
+    moved in one by one."""
+    with _atomic_directory(target, owned=ARTIFACT_FILES) as staged:
         yield staged
-        _fsync_tree(staged)
-        _swap_into_place(staged, target)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
 
 
 def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:

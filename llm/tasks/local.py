@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from finetune.tasks.base import (
+from llm.tasks.base import (
     TEST_SEED,
     Example,
     Kind,

@@ -7,7 +7,7 @@ Each task is one :class:`HubTask` entry: dataset id, config, the two splits it r
 e.g. unlabelled ones). As in MeZO, train (1000) and dev (500) are drawn from the dataset's
 train split and test (1000) from its validation split, whose labels are public (the test
 splits of GLUE/SuperGLUE are unlabelled); tasks with smaller splits use all of them (see
-:func:`finetune.tasks.base.train_dev_from_pool`). Classification is scored by the mean
+:func:`llm.tasks.base.train_dev_from_pool`). Classification is scored by the mean
 log-probability of each candidate; SQuAD and DROP are generation tasks scored by token F1.
 """
 
@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from finetune.tasks.base import (
+from llm.tasks.base import (
     TEST_SEED,
     Example,
     Kind,

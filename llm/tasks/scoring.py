@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.tasks.base import ANSWER_END, Example, TaskError
+from llm.tasks.base import ANSWER_END, Example, TaskError
 
 IGNORE_INDEX = -100
 _PUNCTUATION = frozenset(string.punctuation)
