@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from zo_helpers import Quadratic, lm_closure, snapshot, tiny_lm
+from helpers import Quadratic, lm_closure, snapshot, tiny_lm
 
 from l2l import ZOSGD, HiZOO, ParamBlocks, hessian_diag_estimate
 from l2l.methods.reference import mezo_reference_step

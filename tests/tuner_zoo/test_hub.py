@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import (  # noqa: E402
+    HubServer,
+    configure_client,
+    free_port,
+    set_offline,
+    skip_retry_waits,
+)
 from torch import nn
 
 import tuner_zoo.resolve as resolve
@@ -19,16 +26,9 @@ from tuner_zoo.cli import main
 from tuner_zoo.publish import push_folder
 from tuner_zoo.resolve import is_cached, resolve_tuner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import (  # noqa: E402
-    HubServer,
-    configure_client,
-    free_port,
-    set_offline,
-    skip_retry_waits,
-)
-
 TOKEN = "hf_loopbackTestToken0123456789"
+
+pytestmark = pytest.mark.network
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,6 @@ def hub() -> HubServer:
 def cache(tmp_path: Path, monkeypatch) -> Path:
     """A private HF cache, user zoo and token; offline mode off."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("L2L_HOME", str(tmp_path / "l2l-home"))
     monkeypatch.setattr(resolve, "BUNDLED_DIR", tmp_path / "bundled")
     set_offline(monkeypatch, False)
     return tmp_path / "hf" / "hub"
@@ -151,7 +150,7 @@ def test_zoo_resolves_a_registry_name_from_the_hub(
     tuner = make_tuner(seed=3)
     tuner.push_to_hub("test-user/base-tuner")
     home = Path(resolve.l2l_home())
-    home.mkdir(parents=True)
+    home.mkdir(parents=True, exist_ok=True)
     entry = {"repo_id": "test-user/base-tuner", "base_models": ["org/base"], "architecture": "toy",
              "source": "l2l", "status": "available"}  # fmt: skip
     (home / "registry.json").write_text(json.dumps({"tuners": {"base-tuner": entry}}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zo_helpers import Quadratic, lm_closure, same_bits, snapshot, tiny_lm
+from helpers import Quadratic, lm_closure, same_bits, snapshot, tiny_lm
 
 import l2l.perturb as perturb
 import l2l.z as zdef

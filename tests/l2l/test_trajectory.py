@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from zo_helpers import lm_closure, same_bits, snapshot, tiny_lm
+from helpers import lm_closure, same_bits, snapshot, tiny_lm
 
 from l2l import LOZO, ZOSGD, HiZOO, Trajectory, replay
 

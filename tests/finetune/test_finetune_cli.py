@@ -73,7 +73,6 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch) -> None:
     """A private local zoo and HF cache; the Hub is offline."""
-    monkeypatch.setenv("L2L_HOME", str(tmp_path / "l2l-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     set_offline(monkeypatch, True)
 

@@ -16,8 +16,8 @@ import json
 import pytest
 import torch
 from accelerate import dispatch_model
+from helpers import lm_closure, snapshot, tiny_lm
 from torch import nn
-from zo_helpers import lm_closure, snapshot, tiny_lm
 
 from finetune.cli import main
 from l2l import LOZO, ZOSGD, HiZOO

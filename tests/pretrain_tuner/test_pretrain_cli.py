@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import isolated_home
 from hub_server import HubServer, set_offline
 from safetensors.torch import load_file
 
@@ -66,7 +67,7 @@ def trained(tmp_path_factory, task_file) -> tuple[Path, Path]:
     """(tuner folder, L2L_HOME) of one 3-step meta-training run, registered as 'tiny-meta'."""
     root = tmp_path_factory.mktemp("pretrain")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("L2L_HOME", str(root / "l2l-home"))
+        patch.setenv("L2L_HOME", str(isolated_home(root / "l2l-home")))
         assert main(pretrain_args(task_file, root / "tuner", "--name", "tiny-meta")) == 0
     return root / "tuner", root / "l2l-home"
 
@@ -116,7 +117,7 @@ def test_tuner_attaches_to_every_method(trained, cls, kwargs):
 
 def test_registered_in_local_zoo_and_used_by_finetune(trained, task_file, tmp_path, monkeypatch):
     out, home = trained
-    monkeypatch.setenv("L2L_HOME", str(home))
+    monkeypatch.setenv("L2L_HOME", str(isolated_home(home)))
     assert resolve_tuner("tiny-meta", offline=True) == home / "zoo" / "tiny-meta"
     run = tmp_path / "run"
     argv = ["--tuner", "tiny-meta", "--task", str(task_file), "--output", str(run)]
@@ -141,7 +142,7 @@ def model_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_interrupted_then_resumed_equals_uninterrupted(task_file, tmp_path, monkeypatch, stop):
     """6 batches an epoch, a reset every epoch: 8 steps in one run == ``stop`` steps, then
     ``--resume`` to 8: the same batches (losses), the same tuner, the same base model."""
-    monkeypatch.setenv("L2L_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("L2L_HOME", str(isolated_home(tmp_path / "home")))
     common = ("--name", "none", "--reset-every", "1")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(pretrain_args(task_file, whole, *common, steps=8)) == 0
@@ -172,7 +173,7 @@ def test_bad_settings_fail_before_training(task_file, tmp_path, capsys):
 
 
 def test_push_to_hub_then_finetune_downloads_it(task_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("L2L_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("L2L_HOME", str(isolated_home(tmp_path / "home")))
     monkeypatch.setenv("HF_TOKEN", "hf_loopbackTestToken0123456789")
     set_offline(monkeypatch, False)
     repo = "test-user/tiny-llama-tuner"

@@ -17,7 +17,7 @@ from tuner_zoo.import_pth import ReleaseFormatError, convert_release, load_relea
 from tuner_zoo.registry import STATUSES, entries_for_model, get_entry, load_registry
 from tuner_zoo.resolve import register_local, resolve_tuner
 
-ANCHOR = Path(__file__).parents[2] / "shared/anchors/zo_fine_tuner/llama1B_finetuner.pth"
+ANCHOR = Path(__file__).parents[3] / "shared/anchors/zo_fine_tuner/llama1B_finetuner.pth"
 needs_anchor = pytest.mark.skipif(not ANCHOR.is_file(), reason=f"anchor {ANCHOR} absent")
 LLAMA_1B = dict(
     hidden_size=2048,
@@ -34,11 +34,9 @@ LLAMA_1B = dict(
 
 
 @pytest.fixture(autouse=True)
-def l2l_home(tmp_path: Path, monkeypatch) -> Path:
-    """An empty user zoo and no bundled tuners, for every test."""
-    monkeypatch.setenv("L2L_HOME", str(tmp_path / "l2l-home"))
+def no_bundled(tmp_path: Path, monkeypatch) -> None:
+    """No bundled tuners, for every test (the user zoo is the empty ``l2l_home`` fixture)."""
     monkeypatch.setattr(resolve, "BUNDLED_DIR", tmp_path / "bundled")
-    return tmp_path / "l2l-home"
 
 
 def save_tiny_tuner(folder: Path, base_model: str = "org/tiny") -> Tuner:
@@ -70,7 +68,7 @@ def test_registry_is_honest() -> None:
 
 
 def test_user_registry_extends_the_package_one(l2l_home: Path) -> None:
-    l2l_home.mkdir()
+    l2l_home.mkdir(exist_ok=True)
     entry = {"base_models": ["org/m"], "architecture": "x", "source": "org", "status": "available",
              "repo_id": "org/m-tuner"}  # fmt: skip
     (l2l_home / "registry.json").write_text(json.dumps({"tuners": {"org-m": entry}}))

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import shard_worker
 import torch
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.distributed
 
 
 def free_port() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
@@ -69,3 +71,22 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- l2l home
+
+#: Real offline assets (PyPI downloads, prepared data, the converted SmolLM2) are fetched once
+#: per checkout into this folder, never into the user's ``~/.cache/l2l``.
+ASSET_HOME = Path(__file__).resolve().parents[1] / ".cache" / "test-home"
+_SHARED = ("downloads", "data", "models")
+
+
+def isolated_home(folder: Path) -> Path:
+    """An empty ``L2L_HOME`` at ``folder`` (own zoo and registry) that sees the shared assets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _SHARED:
+        (ASSET_HOME / name).mkdir(parents=True, exist_ok=True)
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(ASSET_HOME / name, target_is_directory=True)
+    return folder

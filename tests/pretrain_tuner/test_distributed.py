@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import isolated_home
 from safetensors.torch import load_file
 
 from finetune.cli import main as finetune
@@ -26,6 +27,8 @@ from l2l import Trajectory
 from l2l.blocks import ParamBlocks
 from l2l.tuner import Tuner
 from llm.models import load_model
+
+pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 240
 
@@ -79,7 +82,9 @@ def finetune_args(files: dict[str, Path], out: Path, steps: int, *extra: str) ->
 
 def launch(module: str, argv: list[str], home: Path) -> str:
     """``python -m module argv`` with its own process group (killed whole on a timeout)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", L2L_HOME=str(home), HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", L2L_HOME=str(isolated_home(home)), HF_HUB_OFFLINE="1"
+    )
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *argv],
