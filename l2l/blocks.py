@@ -190,14 +190,3 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 def block_fingerprint(names: list[str], shapes: list[tuple[int, ...]]) -> str:
     text = "\n".join(f"{n}:{'x'.join(map(str, s))}" for n, s in zip(names, shapes, strict=True))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def block_features(
-    blocks: ParamBlocks, prev_losses: tuple[float, float], prev_sigma: torch.Tensor
-) -> torch.Tensor:
-    """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block."""
-    mean, var = blocks.statistics()
-    n = len(blocks)
-    lp = torch.full((n,), float(prev_losses[0]))
-    lm = torch.full((n,), float(prev_losses[1]))
-    return torch.stack([mean, var, lp, lm, prev_sigma.detach().float().cpu()], dim=1)

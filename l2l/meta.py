@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from l2l.blocks import ParamBlocks, block_features
-from l2l.methods.base import normalisation
+from l2l.blocks import ParamBlocks
 from l2l.perturb import Perturber
+from l2l.scales import block_features, normalisation
 from l2l.shards import all_reduce_sum, is_sharded, local_chunks, shard_group
 from l2l.z import param_chunk_z
 

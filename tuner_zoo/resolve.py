@@ -31,7 +31,6 @@ from l2l.tuner import (
     atomic_directory,
     fetch_tuner_snapshot,
 )
-from l2l.tuner.config import TRAIN_HINT
 from tuner_zoo.registry import (
     ZooEntry,
     close_names,
@@ -44,6 +43,13 @@ from tuner_zoo.registry import (
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+
+#: What the zoo's commands add to l2l's library-level messages.
+TRAIN_HINT = "train one with `pretrain-tuner --model <model id> --output <dir>`"
+CLI_HINT = (
+    "With the commands: `tuner-zoo list` shows the known tuners, `tuner-zoo download "
+    "{repo_id}` caches one while online, and " + TRAIN_HINT
+)
 
 def zoo_dir() -> Path:
     """The user's local zoo: ``$L2L_HOME/zoo`` or ``~/.cache/l2l/zoo``."""
@@ -170,14 +176,17 @@ def resolve_tuner(
     repo_id = entry.repo_id if entry is not None else spec
     if "/" not in repo_id:
         raise unknown_tuner_error(spec)
-    return fetch_tuner_snapshot(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=_offline(offline),
-        token=token,
-    )
+    try:
+        return fetch_tuner_snapshot(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=_offline(offline),
+            token=token,
+        )
+    except TunerNotFoundError as err:  # l2l's message names the library calls; add the commands
+        raise TunerNotFoundError(f"{err}. {CLI_HINT.format(repo_id=repo_id)}") from err
 
 
 def _local_folder(name: str) -> Path | None:

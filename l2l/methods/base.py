@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l.blocks import ParamBlocks, block_features, is_no_decay
+from l2l.blocks import ParamBlocks, is_no_decay
 from l2l.perturb import Perturber
+from l2l.scales import block_features, normalisation
 from l2l.z import chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
@@ -62,12 +63,6 @@ class StepContext:
     step: int
     seed: int
     scales: torch.Tensor | None  # (B,) float64, nf * sigma_b
-
-
-def normalisation(sigma: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
-    """nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2): keeps E||nf sigma z||^2 = d."""
-    sigma = sigma.to(numels.dtype)
-    return numels.sum().sqrt() / (numels * sigma.square()).sum().sqrt()
 
 
 def _to_float(loss: Any) -> float:

@@ -3,6 +3,7 @@
 A tuner on disk is a folder: ``config.json`` + ``model.safetensors`` + ``README.md``.
 """
 
+from l2l.scales import scale_features
 from l2l.tuner.card import render_model_card
 from l2l.tuner.config import (
     ARTIFACT_FILES,
@@ -17,7 +18,7 @@ from l2l.tuner.config import (
 )
 from l2l.tuner.hub import fetch_tuner_snapshot
 from l2l.tuner.io import atomic_directory
-from l2l.tuner.model import Tuner, TunerMismatchError, scale_features
+from l2l.tuner.model import Tuner, TunerMismatchError
 
 __all__ = [
     "ARTIFACT_FILES",

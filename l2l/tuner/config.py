@@ -61,7 +61,7 @@ class TunerNotFoundError(FileNotFoundError):
     """No tuner at that path / name / repo id, or the Hub could not be reached for it."""
 
 
-TRAIN_HINT = "train one with `pretrain-tuner --model <model id> --output <dir>`"
+TRAIN_HINT = "meta-train a tuner for the model"
 
 
 _DEFAULT_SOURCE = "the tuner config"

@@ -34,8 +34,8 @@ def _not_found(repo_id: str, err: BaseException, offline: bool) -> TunerNotFound
     if offline:
         how = (
             "offline mode is on and it is not in the HF cache "
-            f"({constants.HF_HUB_CACHE}): download it first while online "
-            f"(`tuner-zoo download {repo_id}`)"
+            f"({constants.HF_HUB_CACHE}): download it once while online "
+            f"(Tuner.from_pretrained({repo_id!r}) with HF_HUB_OFFLINE unset)"
         )
     else:
         how = "check the repo id, your connection and HF_ENDPOINT, and your token for private repos"
@@ -70,7 +70,7 @@ def fetch_tuner_snapshot(
     except TunerFormatError as err:
         raise TunerNotFoundError(
             f"Hub repo {repo_id!r} is not an l2l tuner: {err}. If it is a base model, pass the "
-            f"name of its tuner (`tuner-zoo list`) or {TRAIN_HINT}"
+            f"id of a tuner repo for it, or {TRAIN_HINT}"
         ) from err
     commit = config_path.parent.name  # snapshots/<commit>/config.json: same commit for all files
     try:

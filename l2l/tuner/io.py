@@ -32,7 +32,7 @@ def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _corrupted(path: Path, reason: str) -> TunerFormatError:
     return TunerFormatError(
         f"{path}: {reason}. The file is truncated or corrupted: re-download it "
-        "(Tuner.from_pretrained(..., force_download=True) or `tuner-zoo download NAME --force`) "
+        "(Tuner.from_pretrained(..., force_download=True)) "
         "or save the tuner again"
     )
 

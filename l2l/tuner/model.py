@@ -27,6 +27,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from l2l.blocks import ParamBlocks
+from l2l.scales import scale_features
 from l2l.tuner.card import CARD_TAGS, render_model_card
 from l2l.tuner.config import (
     CARD_NAME,
@@ -47,13 +48,6 @@ W2_INIT_RANGE = 0.01
 
 class TunerMismatchError(ValueError):
     """The tuner's parameter blocks differ from the model's (the first difference is named)."""
-
-
-def scale_features(features: torch.Tensor, scaling: str, scales: torch.Tensor) -> torch.Tensor:
-    """(B, 5) raw features -> the MLP inputs; ``scales`` is (5,)."""
-    if scaling == "raw":
-        return features
-    return torch.asinh(features / scales)
 
 
 def _first_mismatch(
@@ -194,8 +188,8 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
             problem = _first_mismatch(expected, actual) or "the block fingerprints differ"
             raise TunerMismatchError(
                 f"tuner for {self.config.base_model} does not fit this model: {problem}. "
-                f"Use a tuner trained for this model (`tuner-zoo list`) or train one with "
-                f"`pretrain-tuner --model <model> --output <dir>`."
+                "Use a tuner meta-trained for this model (or a derived checkpoint of it with "
+                "the same blocks), or meta-train one for it."
             )
         if model_id is not None and model_id != self.config.base_model:
             logger.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from l2l import ParamBlocks
-from l2l.blocks import block_features
+from l2l.scales import block_features
 from l2l.meta import MetaState, meta_step
 from l2l.z import gaussian_block
 

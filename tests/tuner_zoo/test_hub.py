@@ -95,9 +95,7 @@ def test_push_then_download_then_offline(cache: Path, monkeypatch) -> None:
 def test_unreachable_hub_is_a_clear_error(cache: Path, monkeypatch, tmp_path: Path) -> None:
     configure_client(monkeypatch, f"http://127.0.0.1:{free_port()}", cache)
     skip_retry_waits(monkeypatch)
-    with pytest.raises(
-        TunerNotFoundError, match="could not be fetched from the Hub.*pretrain-tuner"
-    ):
+    with pytest.raises(TunerNotFoundError, match="could not be fetched from the Hub.*meta-train"):
         Tuner.from_pretrained("test-user/anything")
     with pytest.raises(TunerNotFoundError, match="'test-user/anything'"):
         resolve_tuner("test-user/anything")

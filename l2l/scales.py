@@ -1,0 +1,37 @@
+"""Block scales: the tuner's inputs and how its sigmas become the perturbation's scale.
+
+Per block ``b`` the tuner sees the features ``x_b = [mean(theta_b), var(theta_b), L+ prev, L- prev,
+sigma_b prev]`` (:func:`block_features`), scaled for its MLP (:func:`scale_features`), and returns
+``sigma_b > 0``; the perturbation of block ``b`` is ``nf * sigma_b * z_b`` with ``nf`` from
+:func:`normalisation`, so that ``E||u||^2 = d`` (ZO Fine-tuner).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2l.blocks import ParamBlocks
+
+
+def block_features(
+    blocks: ParamBlocks, prev_losses: tuple[float, float], prev_sigma: torch.Tensor
+) -> torch.Tensor:
+    """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block."""
+    mean, var = blocks.statistics()
+    n = len(blocks)
+    lp = torch.full((n,), float(prev_losses[0]))
+    lm = torch.full((n,), float(prev_losses[1]))
+    return torch.stack([mean, var, lp, lm, prev_sigma.detach().float().cpu()], dim=1)
+
+
+def normalisation(sigma: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2): keeps E||nf sigma z||^2 = d."""
+    sigma = sigma.to(numels.dtype)
+    return numels.sum().sqrt() / (numels * sigma.square()).sum().sqrt()
+
+
+def scale_features(features: torch.Tensor, scaling: str, scales: torch.Tensor) -> torch.Tensor:
+    """(B, 5) raw features -> the MLP inputs; ``scales`` is (5,)."""
+    if scaling == "raw":
+        return features
+    return torch.asinh(features / scales)
