@@ -5,35 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM
+
+from llm.models import tiny_config
 
 VOCAB = 300
 
 
 def tiny_lm(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A 2-layer random causal LM (Llama with tied embeddings, or OPT) in eval mode."""
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    elif arch == "opt":
-        cfg = OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-        )
-    else:
+    """The built-in tiny model of ``arch`` (llama: tied embeddings; opt: untied), with a
+    ``VOCAB``-token vocabulary and weights from ``seed``, in eval mode."""
+    if arch not in ("llama", "opt"):
         raise ValueError(arch)
+    cfg = tiny_config(f"tiny-{arch}", vocab_size=VOCAB)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
 
