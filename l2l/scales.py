@@ -35,3 +35,15 @@ def scale_features(features: torch.Tensor, scaling: str, scales: torch.Tensor) -
     if scaling == "raw":
         return features
     return torch.asinh(features / scales)
+
+
+def weight_rms_scale(features: torch.Tensor) -> torch.Tensor:
+    """A hand-made block scale: ``sigma_b = sqrt(mean_b^2 + var_b)``, the RMS of block ``b``'s
+    weights, read from the tuner features ``(B, 5)``.
+
+    A heuristic baseline for the learned tuner: each block is perturbed in proportion to the
+    size of its own weights (a norm weight near 1 more than a projection near 0.02), and the
+    normalisation ``nf`` keeps ``E||u||^2 = d``. Floored at 1e-8 so an all-zero block still moves.
+    """
+    mean, var = features[:, 0].double(), features[:, 1].double()
+    return (mean.square() + var).sqrt().clamp_min(1e-8)

@@ -317,3 +317,20 @@ def test_block_statistics_match_float64(dtype):
         assert float(mean[i]) == pytest.approx(float(ref_mean), rel=1e-5, abs=1e-9)
         # the fast path is ~1e-6; the mean >> std block must have fallen back to the exact one
         assert float(var[i]) == pytest.approx(float(ref_var), rel=1e-4)
+
+
+def test_weight_rms_scale_is_each_blocks_rms_and_drives_a_step():
+    from helpers import lm_closure, tiny_lm
+
+    from l2l import ZOSGD
+    from l2l.scales import weight_rms_scale
+
+    model = tiny_lm()
+    opt = ZOSGD(model, lr=1e-3, block_scale=weight_rms_scale, record=True)
+    sigma, scales = opt.block_scales()
+    rms = torch.stack([p.detach().double().square().mean().sqrt() for p in opt.blocks.params])
+    torch.testing.assert_close(sigma, rms.clamp_min(1e-8), rtol=1e-4, atol=1e-8)
+    numels = opt.blocks.numels.double()
+    assert float((numels * scales.square()).sum() / numels.sum()) == pytest.approx(1.0)
+    opt.step(lm_closure(model))
+    assert opt.records[0].scales == pytest.approx(scales.tolist())
