@@ -117,15 +117,21 @@ class ParamBlocks:
         (``mean^2 > 1e-3 E[x^2]``, where the subtraction would cancel digits) and for small
         blocks (biases, norm weights), the exact float64 ``var_mean`` is used.
         """
-        means, variances, sharded = [], [], []
-        for b, p in enumerate(self.params):
-            flat = local_rows(p)[0].reshape(-1)  # FSDP2: this rank's rows (see l2l.shards)
-            stats = None if flat.numel() <= EXACT_STATS else _fast_var_mean(flat)
-            var, mean = stats if stats is not None else _exact_var_mean(flat)
-            means.append(mean)
-            variances.append(var)
-            if is_sharded(p):
-                sharded.append((b, flat.numel()))
+        flats = [local_rows(p)[0].reshape(-1) for p in self.params]  # FSDP2: this rank's rows
+        means: list[torch.Tensor | None] = [None] * len(flats)
+        variances: list[torch.Tensor | None] = [None] * len(flats)
+        large = [b for b, flat in enumerate(flats) if flat.numel() > EXACT_STATS]
+        if large:
+            fast = [_fast_var_mean(flats[b]) for b in large]
+            # one host transfer for all blocks (not one per block): which fast results cancel
+            exact = torch.stack([bad.to(fast[0][2].device) for _, _, bad in fast]).tolist()
+            for b, (var, mean, _), bad in zip(large, fast, exact, strict=True):
+                if not bad:
+                    means[b], variances[b] = mean, var
+        for b, flat in enumerate(flats):
+            if means[b] is None:
+                variances[b], means[b] = _exact_var_mean(flat)
+        sharded = [(b, flats[b].numel()) for b, p in enumerate(self.params) if is_sharded(p)]
         if sharded:
             _merge_shards(self.params, sharded, means, variances)
         # blocks may live on several devices (a device_map split): gather on the first block's
@@ -157,15 +163,16 @@ def _parts(flat: torch.Tensor):
         yield part if part.dtype in (torch.float32, torch.float64) else part.float()
 
 
-def _fast_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _fast_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(var, mean, cancels)`` from ``sum`` and ``vector_norm`` as ``E[x^2] - E[x]^2`` in
+    float64; ``cancels`` (a 0-d bool tensor, left on the device) says the subtraction would
+    cancel digits, so the caller uses the exact path instead."""
     total = square = torch.zeros((), dtype=torch.float64, device=flat.device)
     for part in _parts(flat):
         total = total + part.sum().double()
         square = square + torch.linalg.vector_norm(part).double().square()
     mean, second = total / flat.numel(), square / flat.numel()
-    if mean * mean > 1e-3 * second:  # E[x^2] - E[x]^2 would cancel digits
-        return None
-    return second - mean * mean, mean
+    return second - mean * mean, mean, mean * mean > 1e-3 * second
 
 
 def _exact_var_mean(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
