@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 # with MeZO on the movie-review task, offline on the CPU: zero-shot vs fine-tuned accuracy.
 demo: $(STAMP)
 	$(BIN)/finetune --tuner smollm2-135m --task movie-reviews --steps 60 --lr 3e-5 \
-		--eval-examples 200 --output $(DEMO_OUT)
+		--eval_examples 200 --output $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -33,12 +33,12 @@ def run(world: int, args: argparse.Namespace, out: Path) -> dict:
         args.method,
         "--steps",
         str(args.steps),
-        "--batch-size",
+        "--batch_size",
         str(args.batch_size),
     ]
-    cmd += ["--n-train", str(max(args.batch_size * args.steps, 64)), "--n-test", "8"]
-    cmd += ["--eval-examples", "2", "--max-length", str(args.max_length), "--lr", "1e-6"]
-    cmd += ["--accelerator", "cpu", "--devices", str(world), "--no-progress", "--output", str(out)]
+    cmd += ["--n_train", str(max(args.batch_size * args.steps, 64)), "--n_test", "8"]
+    cmd += ["--eval_examples", "2", "--max_length", str(args.max_length), "--lr", "1e-6"]
+    cmd += ["--accelerator", "cpu", "--devices", str(world), "--no_progress", "--output", str(out)]
     if world > 1:
         cmd += ["--strategy", "ddp"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

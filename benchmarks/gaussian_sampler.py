@@ -1,20 +1,22 @@
-"""How fast can this machine draw the N(0, 1) numbers of a ZO step? (issue 2's CPU ratio target)
+"""What drawing z costs: l2l's counter-based generator against torch's sampler, in one process.
 
-ZOSGD never stores z, so every step draws it three times (two forwards and the update); on CPU
-torch's sampler, not the arithmetic, is what keeps the step above 1.10 forward pairs
-(``step_cost.py`` prints that floor). This script times, in one process, the ways of drawing
-float32 Gaussians one could put behind ``l2l.z.gaussian_chunk``:
+ZOSGD never stores z, so every step draws it three times (two forwards and the update). ``l2l.z``
+computes z from (step seed, block, element) in plain torch ops, the same bits on every device
+(SplitMix64 + Box-Muller from IEEE basic operations); before it, ``l2l`` drew each z chunk with
+``normal_`` from a seeded ``torch.Generator``, whose numbers depend on the device. This script
+times, interleaved round by round so that a busy machine slows every row alike:
 
-* ``torch normal_``: what ``l2l`` does (one seeded generator per z chunk, a reused buffer);
-* ``torch normal_, 2 threads``: two chunks drawn at once by two generators (keeps z as defined);
-* ``numpy <bit generator>``: numpy's ziggurat ``standard_normal`` (float32, into a buffer);
-* ``counter hash + Box-Muller``: a counter-based generator written in torch elementwise ops
-  (splitmix64 finaliser of the element index, then Box-Muller): the cheapest redefinition of z in
-  plain PyTorch that lets any row range be drawn on its own.
+* ``torch normal_``: that former sampler (a generator re-seeded per chunk, a reused buffer);
+* ``l2l.z.gaussian``: one transient chunk, with torch's intra-op threads and with one thread
+  (``normal_`` uses one core whatever the setting);
+* ``l2l.z.gaussian, a repeat``: the same draw again (a step draws each z three times; draws of
+  small blocks are remembered, larger ones computed again);
+* ``l2l.z.counter_bits``: the uniform bits of stochastic rounding (time per 32-bit word).
 
+Rows give ns per number for ``--elements`` numbers per call, and microseconds per call for a
+small block (``--small`` elements, e.g. a norm's weight) where the per-op overhead dominates.
 With ``--step-cost`` (a ``step_cost.py --json`` result) it also prints the time per number that
-ZOSGD's ratio of 1.10 would need if drawing were the step's only overhead, from that run's
-Gaussians per step and forward time.
+ZOSGD's ratio of 1.10 would need if drawing were the step's only overhead.
 
     python benchmarks/gaussian_sampler.py --step-cost benchmarks/results/step_cost_smollm2-135m_cpu.json
 """
@@ -22,129 +24,117 @@ Gaussians per step and forward time.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import math
+import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from l2l.z import CHUNK_ELEMENTS
-
-_M64 = (1 << 64) - 1
+from l2l import z as zdef
 
 
-def _signed(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >> 63 else v
+@contextmanager
+def threads(n: int | None):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
-class CounterGaussian:
-    """z[i] for i in [0, n): splitmix64 of (seed, i // 2) gives two 24-bit uniforms; Box-Muller
-    turns them into the pair (z[2k], z[2k+1]). int64 arithmetic wraps; shifts are made logical by
-    masking."""
-
-    GOLDEN, C1, C2 = (
-        _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-    )
-
-    def __init__(self, n: int) -> None:
-        half = n // 2
-        self.index = torch.arange(half, dtype=torch.int64)
-        self.x, self.t = torch.empty(half, dtype=torch.int64), torch.empty(half, dtype=torch.int64)
-        self.u1, self.u2 = torch.empty(half), torch.empty(half)
-        self.out = torch.empty(2 * half)
-
-    def _shift_xor(self, bits: int) -> None:
-        torch.bitwise_right_shift(self.x, bits, out=self.t)
-        self.x.bitwise_xor_(self.t.bitwise_and_((1 << (64 - bits)) - 1))
-
-    def draw(self, seed: int) -> torch.Tensor:
-        x, t, half = self.x, self.t, self.index.numel()
-        torch.add(self.index, _signed(seed), out=x).mul_(self.GOLDEN)
-        self._shift_xor(30)
-        x.mul_(self.C1)
-        self._shift_xor(27)
-        x.mul_(self.C2)
-        self._shift_xor(31)
-        torch.bitwise_right_shift(x, 40, out=t)
-        self.u1.copy_(t.bitwise_and_((1 << 24) - 1)).add_(1).mul_(2.0**-24)  # (0, 1]
-        self.u2.copy_(torch.bitwise_and(x, (1 << 24) - 1, out=t)).mul_(2 * math.pi * 2.0**-24)
-        radius = self.u1.log_().mul_(-2).sqrt_()
-        torch.cos(self.u2, out=self.out[:half]).mul_(radius)
-        torch.sin(self.u2, out=self.out[half:]).mul_(radius)
-        return self.out
+Draw = Callable[[int, int], object]  # draw(numbers, round)
 
 
-def per_element(fn: Callable[[int], None], elements: int, repeats: int) -> float:
-    """Median seconds per element of ``fn(k)`` (which draws ``elements`` numbers)."""
-    fn(0)
-    times = []
-    for k in range(repeats):
-        t = time.perf_counter()
-        fn(k + 1)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / elements
+def candidates(default_threads: int) -> dict[str, tuple[Draw, int | None]]:
+    """name -> (draw, threads: None = torch's setting)."""
+    buf, gen = torch.empty(zdef.CHUNK_ELEMENTS), torch.Generator()
+    words = torch.empty(zdef.CHUNK_ELEMENTS // 2 + 1, dtype=torch.int64)
 
+    def torch_normal(numel: int, k: int) -> object:
+        return buf[:numel].normal_(generator=gen.manual_seed(zdef.mix_seed(k, 0, 0)))
 
-def in_threads(work: Callable[[int, int], None], threads: int) -> Callable[[int], None]:
-    def run(k: int) -> None:
-        pool = [threading.Thread(target=work, args=(i, k)) for i in range(threads)]
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
+    def counter(block: int) -> Draw:
+        def draw(numel: int, k: int) -> object:
+            return zdef.gaussian(k, block, 0, (numel,), "cpu", transient=True)
 
-    return run
+        return draw
 
+    def bits(numel: int, k: int) -> object:  # numel 32-bit words
+        half = (numel + 1) // 2
+        return zdef.counter_bits(k, 0, half, "cpu", out=words[:half])
 
-def candidates(n: int) -> dict[str, tuple[Callable[[int], None], int]]:
-    """name -> (draw(k), numbers drawn per call)."""
-    buf, gen = torch.empty(n), torch.Generator()
-    bufs, gens = [torch.empty(n) for _ in range(2)], [torch.Generator() for _ in range(2)]
-
-    def torch_two(i: int, k: int) -> None:
-        bufs[i].normal_(generator=gens[i].manual_seed(2 * k + i))
-
-    out: dict[str, tuple[Callable[[int], None], int]] = {
-        "torch normal_": (lambda k: buf.normal_(generator=gen.manual_seed(k)), n),
-        "torch normal_, 2 threads": (in_threads(torch_two, 2), 2 * n),
+    return {
+        "torch normal_ (former z)": (torch_normal, None),
+        f"l2l.z.gaussian, {default_threads} threads": (counter(0), None),
+        "l2l.z.gaussian, 1 thread": (counter(1), 1),
+        "l2l.z.gaussian, a repeat": (counter(1), None),  # small draws: remembered
+        f"l2l.z.counter_bits, {default_threads} threads": (bits, None),
     }
-    array = np.empty(n, dtype=np.float32)
-    for name in ("PCG64", "SFC64", "Philox"):
-        rng = np.random.Generator(getattr(np.random, name)(0))
-        out[f"numpy {name}"] = (lambda k, r=rng: r.standard_normal(out=array, dtype=np.float32), n)
-    counter = CounterGaussian(n)
-    out["counter hash + Box-Muller"] = (counter.draw, n)
-    return out
+
+
+def measure(rows, numel: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each row, the rows interleaved within every round."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for k in range(repeats + 1):
+        for name, (draw, n_threads) in rows.items():
+            with threads(n_threads):
+                t = time.perf_counter()
+                draw(numel, k)
+                elapsed = time.perf_counter() - t
+            if k:  # the first round warms buffers up
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--elements", type=int, default=CHUNK_ELEMENTS // 4, help="numbers per call")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--elements", type=int, default=1 << 20, help="numbers per call")
+    p.add_argument("--small", type=int, default=576, help="numbers per call of the small rows")
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--step-cost", type=Path, help="a step_cost.py --json result (mezo row used)")
     args = p.parse_args(argv)
 
-    check = CounterGaussian(1 << 20).draw(7)
-    moments = [float(check.mean()), float(check.var()), float((check**4).mean())]
+    default_threads = torch.get_num_threads()
+    load = os.getloadavg()[0]
     print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, numpy "
-        f"{np.__version__}, {torch.get_num_threads()} torch threads, {args.elements} per call"
+        f"{datetime.date.today()}, {machine()}, torch {torch.__version__}, {default_threads} "
+        f"torch threads, load average {load:.2f}; {args.elements} numbers per call, "
+        f"{args.repeats} rounds, generator {zdef.GENERATOR}"
     )
-    print(f"counter generator moments (mean, var, E z^4; N(0,1): 0, 1, 3): {moments}")
-    rows = {}
-    for name, (fn, elements) in candidates(args.elements).items():
-        rows[name] = per_element(fn, elements, args.repeats)
-    base = rows["torch normal_"]
-    print(f"{'sampler':28s} {'ns/number':>10s} {'x torch normal_':>16s}")
-    for name, sec in rows.items():
-        print(f"{name:28s} {sec * 1e9:10.2f} {sec / base:16.2f}")
+    rows = candidates(default_threads)
+    large = measure(rows, args.elements, args.repeats)
+    small = measure(rows, args.small, args.repeats)
+    base = large["torch normal_ (former z)"]
+    small_base = small["torch normal_ (former z)"]
+    print(
+        f"{'sampler':34s} {'ns/number':>10s} {'x normal_':>10s} "
+        f"{'us/call, ' + str(args.small):>15s} {'x normal_':>10s}"
+    )
+    for name in rows:
+        print(
+            f"{name:34s} {large[name] / args.elements * 1e9:10.2f} {large[name] / base:10.2f} "
+            f"{small[name] * 1e6:15.1f} {small[name] / small_base:10.2f}"
+        )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.step_cost:
         mezo = next(
             r for r in json.loads(args.step_cost.read_text())["rows"] if r["what"] == "mezo"

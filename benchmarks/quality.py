@@ -116,7 +116,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     before = zero_shot(spec.task, args, budget)
-    from finetune.cli import build_parser, setup
+    from finetune.cli import parse, setup
 
     argv = [
         "--model",
@@ -133,22 +133,23 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
         str(spec.steps),
         "--seed",
         str(spec.seed),
-        "--batch-size",
+        "--batch_size",
         str(budget["batch"]),
-        "--eval-examples",
+        "--eval_examples",
         str(budget["n_eval"]),
         "--output",
         str(args.out / "work" / spec.name),
-        "--checkpoint-every",
+        "--checkpoint_every",
         "0",
+        "--overwrite",  # a work folder left by an interrupted run
         "--accelerator",
         args.accelerator,
     ]
     if not args.progress:
-        argv.append("--no-progress")
-    run = setup(build_parser().parse_args(argv))
+        argv.append("--no_progress")
+    run = setup(parse(argv))
     run.results["eval_before"] = before
-    results = run.fit()
+    results = run.fit(run.begin())
     if select:
         results["eval_dev"] = run.evaluate("dev")
     results["spec"] = spec.__dict__

@@ -1,25 +1,27 @@
-"""``finetune``: zeroth-order fine-tuning of a causal LM on a task, with a learned tuner.
+"""finetune: zeroth-order fine-tuning of a causal LM on a task, with a learned tuner.
 
     finetune --tuner smollm2-135m --task movie-reviews --steps 100
     finetune --model facebook/opt-13b --tuner opt-13b --task sst2 --method lozo
     finetune --model tiny-llama --task data.jsonl --tuner none --method hizoo --output out
+    finetune --config recipe.yaml            (a file written by --print_config)
+    finetune --list_tasks                    (the task names, then exit)
 
-``--model`` defaults to the tuner's base model. ``--tuner`` takes a folder, a name in the local
-zoo, a bundled tuner, a registry name or a Hub repo id (``tuner-zoo list`` shows them), or
-``none`` for the plain method. Results go to ``--output`` (see ``finetune.run``).
+--model defaults to the tuner's base model; --lr, --eps and --normalize default to the tuner's
+(results.json says which values were used and where each came from). Results go to --output;
+a run there is only continued with --resume or replaced with --overwrite.
 
 Data parallel on N devices (same step seed everywhere, a few bytes of losses all-reduced per
-step; results identical to one process on the same global ``--batch-size``)::
+step; results identical to one process on the same global --batch_size):
 
     finetune --model tiny-llama --task tweets --strategy ddp --devices 2 --accelerator cpu
 
-A model too big for one GPU: ``--device-map auto`` splits its layers over the visible GPUs (one
-process; every weight must sit on a GPU, nothing offloaded)::
+A model too big for one GPU: --device_map auto splits its layers over the visible GPUs (one
+process; every weight must sit on a GPU, nothing offloaded):
 
-    finetune --model facebook/opt-66b --task sst2 --dtype bfloat16 --device-map auto
+    finetune --model facebook/opt-66b --task sst2 --dtype bfloat16 --device_map auto
 
 Exit status: 0 done, 2 an error the message explains (nothing written is left half-written),
-130 interrupted (continue with ``--resume``).
+130 interrupted by SIGINT or SIGTERM (the last completed step is saved; continue with --resume).
 """
 
 from __future__ import annotations
@@ -27,113 +29,106 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 
-from finetune.run import METHODS, RunConfig
-from llm.ids import DEVICE_MAPS
+from jsonargparse import ActionConfigFile, ArgumentParser
 
-# finetune's own defaults where neither the command line nor the tuner's registry entry says
-DEFAULT_LR = {"mezo": 1e-6, "hizoo": 1e-6, "lozo": 1e-6, "lozo-m": 1e-6}
-DEFAULT_EPS = 1e-3
+from finetune.config import (
+    DeviceArgs,
+    FinetuneConfig,
+    ModelArgs,
+    OptimArgs,
+    OutputArgs,
+    allowed,
+    resolve,
+)
+from llm.cli import (
+    HelpFormatter,
+    UsageError,
+    add_dataclass_flags,
+    dataclass_from,
+    parse_flags,
+    run_command,
+)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    g = p.add_argument_group("what to fine-tune")
-    g.add_argument(
-        "--model",
-        help="HF id, local folder, or built-in: tiny-llama, tiny-opt, smollm2-135m "
-        "(default: the tuner's base model)",
-    )
-    g.add_argument(
-        "--task", required=True, help="task name (see --list-tasks) or a .jsonl/.csv file"
-    )
-    g.add_argument(
-        "--tuner", default="none", help="folder, zoo name, Hub repo id, or 'none' (default)"
-    )
-    g.add_argument("--method", choices=METHODS, default="mezo")
-    g.add_argument(
-        "--peft", choices=["lora"], help="train LoRA adapters (peft) instead of all weights"
-    )
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument(
-        "--trust-remote-code", action="store_true", help="allow custom model code from the Hub"
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=100)
-    g.add_argument(
-        "--lr", type=float, help="learning rate (default: the tuner's recommendation or 1e-6)"
-    )
-    g.add_argument("--eps", type=float, help="perturbation scale (default: the tuner's or 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--rank", type=int, default=2, help="LOZO rank r")
-    g.add_argument("--nu", type=int, default=50, help="LOZO steps between V redraws")
-    g.add_argument("--momentum", type=float, default=0.9, help="LOZO-M beta")
-    g.add_argument("--hessian-smooth", type=float, default=1e-8, help="HiZOO EMA rate alpha")
-    g.add_argument(
-        "--on-nonfinite",
-        choices=["raise", "warn", "skip"],
-        default="raise",
-        help="what a NaN/inf loss does (the parameters are never touched by it)",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    g.add_argument("--max-length", type=int, default=256)
-    g = p.add_argument_group("data and evaluation")
-    g.add_argument("--n-train", type=int, default=1000)
-    g.add_argument("--n-dev", type=int, default=500)
-    g.add_argument("--n-test", type=int, default=1000)
-    g.add_argument(
-        "--eval-every", type=int, default=0, help="evaluate on dev every N steps (0: off)"
-    )
-    g.add_argument("--eval-examples", type=int, default=200, help="examples per evaluation")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", type=Path, default=Path("runs/finetune"))
-    g.add_argument("--resume", action="store_true", help="continue the run in --output")
-    g.add_argument("--save-model", action="store_true", help="also write the fine-tuned weights")
-    g.add_argument("--checkpoint-every", type=int, default=50)
-    g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("devices (Lightning Fabric)")
-    g.add_argument("--accelerator", default="auto")
-    g.add_argument("--devices", default="1")
-    g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument(
-        "--strategy", default="auto", help="ddp: data-parallel ZO (same seed on every rank)"
-    )
-    g.add_argument(
-        "--device-map",
-        choices=DEVICE_MAPS,
-        help="split a model too big for one device over all visible GPUs (accelerate's "
-        "device_map: consecutive layers on consecutive GPUs); one process, not with ddp",
-    )
-    g.add_argument("--list-tasks", action="store_true", help="print the known tasks and exit")
-    return p
+PROG = "finetune"
+GROUPS = (ModelArgs, OptimArgs, OutputArgs, DeviceArgs)
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".pkl")
 
 
-def _load_tuner(spec: str):
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag help as :class:`llm.cli.HelpFormatter` writes it; the description as written."""
+
+
+class _ListTasks(argparse.Action):
+    """``--list_tasks``: print the registered tasks and exit (no other flag is needed)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from llm.tasks import describe_tasks
+
+        for name, description in describe_tasks().items():
+            print(f"{name:16s} {description}")
+        print("\nor a local .jsonl/.csv file (text+label or prompt+answer columns)")
+        parser.exit(0)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG, description=__doc__, exit_on_error=False, formatter_class=_Formatter
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="read settings from a YAML file")
+    parser.add_argument("--list_tasks", action=_ListTasks, help="print the known tasks and exit")
+    for group in GROUPS:
+        add_dataclass_flags(parser, group)
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> FinetuneConfig:
+    """The settings from ``argv`` (and any ``--config`` file), validated."""
+    namespace = parse_flags(build_parser(), argv, allowed=allowed)
+    return dataclass_from(FinetuneConfig, namespace).validate()
+
+
+# ---------------------------------------------------------------------------------- setup
+
+
+def _load_tuner(cfg: FinetuneConfig):
+    """(tuner, folder, registry defaults) for ``--tuner``; a release .pth is pointed to
+    ``tuner-zoo import-pth`` instead of being looked up on the Hub."""
+    from pathlib import Path
+
     from l2l.tuner import Tuner
     from tuner_zoo.registry import get_entry
     from tuner_zoo.resolve import resolve_tuner
 
-    folder = resolve_tuner(spec)
+    path = Path(cfg.tuner).expanduser()
+    if path.suffix.lower() in PTH_SUFFIXES or path.is_file():
+        raise UsageError(
+            f"--tuner {cfg.tuner} names a file; a tuner is a folder with config.json and "
+            f"model.safetensors. A ZO Fine-tuner release .pth converts to one (no pickle code "
+            f"runs) with `tuner-zoo import-pth {cfg.tuner} ...` (see tuner-zoo import-pth "
+            "--help); pass the folder it writes to --tuner"
+        )
+    folder = resolve_tuner(
+        cfg.tuner, revision=cfg.tuner_revision, force_download=cfg.force_download
+    )
     tuner = Tuner.load_folder(folder)
-    entry = get_entry(spec)
-    defaults = dict(entry.method_defaults) if entry else {}
-    return tuner, folder, defaults
+    entry = get_entry(cfg.tuner)
+    return tuner, folder, dict(entry.method_defaults) if entry else {}
 
 
-def _fabric(args):
+def _fabric(cfg: FinetuneConfig):
     import lightning as L
 
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    devices = int(cfg.devices) if str(cfg.devices).lstrip("-").isdigit() else cfg.devices
     fabric = L.Fabric(
-        accelerator=args.accelerator,
+        accelerator=cfg.accelerator,
         devices=devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
         precision="32-true",
     )
     fabric.launch()
@@ -144,21 +139,21 @@ def _apply_peft(model, r: int):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is a declared extra
-        raise SystemExit("--peft lora needs the peft package: pip install 'l2l-zo[peft]'") from e
+        raise ImportError("--peft lora needs the peft package: pip install 'l2l-zo[peft]'") from e
     return get_peft_model(
         model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM")
     )
 
 
-def _check_output(fabric, output: Path) -> None:
-    """Rank 0 proves ``output`` writable before any expensive work; every rank learns the verdict."""
-    from finetune.io import OutputError, check_writable
+def _on_rank0_verdict(fabric, check) -> None:
+    """Run ``check`` on rank 0 (it raises on a problem); every rank learns the verdict."""
+    from finetune.io import OutputError
 
     message = None
     if fabric.global_rank == 0:
         try:
-            check_writable(output)
-        except OutputError as e:
+            check()
+        except OSError as e:
             message = str(e)
     if fabric.world_size > 1:
         message = fabric.broadcast(message, src=0)
@@ -166,82 +161,81 @@ def _check_output(fabric, output: Path) -> None:
         raise OutputError(message)
 
 
-def setup(args):
+def _load_data(cfg: FinetuneConfig, world_size: int):
+    """The task, with the checks on its training set that need the data."""
+    from llm.tasks import load_task
+
+    prompt = {k: v for k, v in (("template", cfg.template), ("label_words", cfg.label_words)) if v}
+    task = load_task(
+        cfg.task, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, **prompt
+    )
+    n = len(task.train)
+    if cfg.batch_size > n:
+        raise UsageError(
+            f"--batch_size {cfg.batch_size} is larger than the training set ({n} examples of "
+            f"{task.name}): use --batch_size {n} or less, or more data (--n_train)"
+        )
+    if cfg.batch_size < world_size:
+        raise UsageError(
+            f"--batch_size {cfg.batch_size} is the global batch: it needs at least one example "
+            f"per rank ({world_size} ranks)"
+        )
+    return task
+
+
+def data_warnings(task) -> list[str]:
+    """What about the training data may make the run look better than it is."""
+    if task.kind != "classification":
+        return []
+    golds = {e.target for e in task.train}
+    if len(golds) == 1:
+        return [
+            f"every training example of {task.name} has the answer {golds.pop()!r}: always "
+            "answering it reaches accuracy 1.0 on such data, whatever the model learns"
+        ]
+    return []
+
+
+def setup(cfg: FinetuneConfig):
     """Resolve tuner, model, task and optimizer; returns a ready :class:`finetune.run.Run`."""
     import torch
 
-    from finetune.run import LossAllReduce, Run, make_optimizer
+    from finetune.checkpoint import data_digest, tensors_digest
+    from finetune.io import check_free_space, check_output, check_writable
+    from finetune.parallel import LossAllReduce
+    from finetune.run import Run, make_optimizer
     from llm.ids import offline_name
     from llm.models import load_model
-    from llm.tasks import load_task
 
-    tuner, tuner_info, defaults = None, None, {}
-    if args.tuner.lower() != "none":
-        tuner, folder, defaults = _load_tuner(args.tuner)
+    cfg.validate()
+    tuner, tuner_info, registry = None, None, {}
+    if cfg.uses_tuner:
+        tuner, folder, registry = _load_tuner(cfg)
         tuner_info = dict(
-            spec=args.tuner,
+            spec=cfg.tuner,
             folder=str(folder),
             base_model=tuner.config.base_model,
             fingerprint=tuner.config.fingerprint,
         )
-    model_name = args.model or (offline_name(tuner.config.base_model) if tuner else None)
+    model_name = cfg.model or (offline_name(tuner.config.base_model) if tuner else None)
     if model_name is None:
-        raise SystemExit("finetune: pass --model (or a --tuner, whose base model is then used)")
-    if args.device_map and (str(args.devices) != "1" or args.num_nodes > 1):
-        raise ValueError(  # checked before Fabric launches any process
-            "--device-map splits one copy of the model over the devices of one process; it does "
-            "not combine with --devices > 1 / --num-nodes > 1 / --strategy ddp"
-        )
-    fabric = _fabric(args)
-    if args.batch_size < fabric.world_size:
-        raise ValueError(
-            f"--batch-size {args.batch_size} is the global batch: it needs at least one example "
-            f"per rank ({fabric.world_size} ranks)"
-        )
-    cfg = RunConfig(
-        model=model_name,
-        task=args.task,
-        method=args.method,
-        tuner=args.tuner,
-        steps=args.steps,
-        lr=args.lr if args.lr is not None else defaults.get("lr", DEFAULT_LR[args.method]),
-        eps=args.eps if args.eps is not None else defaults.get("eps", DEFAULT_EPS),
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        eval_examples=args.eval_examples,
-        n_train=args.n_train,
-        n_dev=args.n_dev,
-        n_test=args.n_test,
-        seed=args.seed,
-        dtype=args.dtype,
-        max_length=args.max_length,
-        rank=args.rank,
-        nu=args.nu,
-        momentum=args.momentum,
-        hessian_smooth=args.hessian_smooth,
-        checkpoint_every=args.checkpoint_every,
-        nonfinite=args.on_nonfinite,
-        peft=args.peft,
-        save_model=args.save_model,
-    )
-    task = load_task(
-        args.task, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test
-    )
-    _check_output(fabric, args.output.expanduser())  # before the (possibly large) model loads
+        raise UsageError("pass --model (or a --tuner, whose base model is then used)")
+    cfg, resolved = resolve(replace(cfg, model=model_name), tuner and tuner.config, registry)
+    output = cfg.output_dir
+    check_output(output, resume=cfg.resume, overwrite=cfg.overwrite)
+    fabric = _fabric(cfg)
+    task = _load_data(cfg, fabric.world_size)
+    _on_rank0_verdict(fabric, lambda: check_writable(output))  # before the model loads
     model, tokenizer = load_model(
-        model_name,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        device_map=args.device_map,
-    )
-    if args.peft:
-        if tuner is not None:
-            raise SystemExit(
-                "finetune: a tuner scales full-weight blocks; use --tuner none with --peft"
-            )
-        model = _apply_peft(model, args.lora_r)
-    if args.device_map is None:
+        model_name, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+        device_map=cfg.device_map,
+    )  # fmt: skip
+    if cfg.save_model:
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        _on_rank0_verdict(fabric, lambda: check_free_space(output, int(1.1 * need), "--save_model"))
+    if cfg.peft:
+        model = _apply_peft(model, cfg.lora_r)
+    if cfg.device_map is None:
         model = model.to(fabric.device)
     if tuner is not None:
         from l2l.blocks import ParamBlocks
@@ -251,17 +245,20 @@ def setup(args):
     reduce = LossAllReduce(fabric) if fabric.world_size > 1 else None
     with torch.no_grad():
         opt = make_optimizer(cfg, model, tuner, loss_reduce=reduce)
-    return Run(
-        cfg,
-        model,
-        tokenizer,
-        task,
-        opt,
-        args.output.expanduser(),
-        fabric=fabric,
-        progress=not args.no_progress,
-        tuner_info=tuner_info,
+    identity = dict(
+        tuner_sha256=tensors_digest(tuner),
+        data_sha256=data_digest(task),
+        device_type=fabric.device.type,
     )
+    run = Run(
+        cfg, model, tokenizer, task, opt, output, fabric=fabric, progress=cfg.progress,
+        tuner_info=tuner_info, resolved=resolved, identity=identity,
+    )  # fmt: skip
+    run.results["warnings"] = data_warnings(task)
+    return run
+
+
+# ---------------------------------------------------------------------------------- main
 
 
 def _report(results: dict) -> None:
@@ -288,40 +285,47 @@ def _report(results: dict) -> None:
     Console().print(table)
 
 
+def interrupt_line(run, cfg: FinetuneConfig | None) -> str:
+    """What an interrupt leaves in --output, truthfully."""
+    where = cfg.output_dir if cfg else "--output"
+    if run is None or run.saved_steps is None:
+        if cfg is not None and cfg.resume:
+            return f"interrupted before the run continued: the saved run in {where} is unchanged"
+        return "interrupted before the first step: nothing was saved"
+    n = run.saved_steps
+    if run.phase == "final evaluation":
+        return (
+            f"interrupted during the final evaluation: all {n} steps are saved in {where}; "
+            "--resume runs the evaluation"
+        )
+    if run.phase == "model":
+        return f"interrupted while writing model/: {n} steps are saved in {where}; --resume"
+    return f"interrupted: {n} steps are saved in {where}; continue with --resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from l2l import NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
-    if args.list_tasks:
-        from llm.tasks import describe_tasks
+    state: dict = {"cfg": None, "run": None}
 
-        for name, desc in describe_tasks().items():
-            print(f"{name:16s} {desc}")
+    def body() -> int:
+        state["cfg"] = cfg = parse(argv)
+        state["run"] = run = setup(cfg)
+        for warning in run.results["warnings"]:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        try:
+            results = run.fit(run.begin())
+        except NonFiniteLossError as e:
+            raise UsageError(
+                f"{e} Progress up to the failed step is saved in {cfg.output_dir} "
+                "(see --on_nonfinite)."
+            ) from e
+        if run.rank == 0:
+            _report(results)
+            print(f"results in {cfg.output_dir / 'results.json'}")
         return 0
-    try:
-        run = setup(args)
-        start = run.resume() if args.resume else 0
-        results = run.fit(start)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: progress saved in {args.output}; continue with --resume",
-            file=sys.stderr,
-        )
-        return 130
-    except NonFiniteLossError as e:
-        print(
-            f"finetune: error: {e} Progress up to the failed step is saved in {args.output} "
-            "(see --on-nonfinite).",
-            file=sys.stderr,
-        )
-        return 2
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
-    if run.rank == 0:
-        _report(results)
-        print(f"results in {args.output / 'results.json'}")
-    return 0
+
+    return run_command(PROG, body, lambda: interrupt_line(state["run"], state["cfg"]))
 
 
 if __name__ == "__main__":

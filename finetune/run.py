@@ -5,11 +5,19 @@ Output folder (every file replaced atomically):
   trajectory.json  (seed, projected gradient) per step: with the base model it rebuilds the
                    fine-tuned weights bit-for-bit (``l2l.replay``); it is also the checkpoint
   state.json       the optimizer's small state + progress, for ``--resume``
-  model/           the fine-tuned weights as safetensors (``--save-model``)
+  model/           the fine-tuned weights as safetensors (``--save_model``)
+
+results.json also says which ``lr``, ``eps`` and ``normalize`` the run used and where each came
+from (``resolved``: user, tuner, registry or default), and ``status``: running, interrupted,
+failed or finished ("finished" only once every requested file is written).
 
 Resuming replays the trajectory onto the freshly loaded base model (one update pass per step, no
 forwards), restores the optimizer's state and continues with the same batches and seeds, so an
-interrupted-then-resumed run ends with exactly the parameters of an uninterrupted one.
+interrupted-then-resumed run ends with exactly the parameters of an uninterrupted one;
+:mod:`finetune.checkpoint` first checks that nothing that decides the result has changed.
+
+Interrupts (SIGINT, and SIGTERM through :func:`llm.cli.run_command`) save the last completed
+step; the steps are also saved before the final evaluation, so an interrupt there loses none.
 
 Data parallel (``--strategy ddp``): every rank takes the same step seed, runs the forwards on its
 shard of the global batch and all-reduces the 2 (HiZOO: 3) float64 losses of the step, so all
@@ -20,110 +28,54 @@ process computes). Evaluation is sharded the same way; only rank 0 writes files.
 
 from __future__ import annotations
 
-import os
 import random
 import resource
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.io import OutputError, check_writable, explain_write_error, read_json, write_json
-from l2l import LOZO, ZOSGD, HiZOO, NonFiniteLossError, Trajectory, apply_records
+from finetune.checkpoint import check_resume, records_summary
+from finetune.config import FinetuneConfig
+from finetune.io import (
+    MODEL_DIR,
+    RESULTS,
+    STATE,
+    TRAJECTORY,
+    OutputError,
+    clear_run,
+    explain_write_error,
+    read_json,
+    write_json,
+)
+from finetune.parallel import LossAllReduce, replicas_identical
+from l2l import NonFiniteLossError, Trajectory, apply_records
+from l2l.io import atomic_directory
 from l2l.methods.base import ZOOptimizer
-
-METHODS = ("mezo", "hizoo", "lozo", "lozo-m")
-# settings that decide the parameters a step produces: --resume refuses to change them
-RESUME_KEYS = (
-    "model", "task", "method", "tuner", "lr", "eps", "weight_decay", "batch_size", "n_train",
-    "seed", "dtype", "max_length", "rank", "nu", "momentum", "hessian_smooth", "peft",
-)  # fmt: skip
-RESULTS, TRAJECTORY, STATE, MODEL_DIR = "results.json", "trajectory.json", "state.json", "model"
+from l2l.methods.factory import make_method
 
 
-@dataclass
-class RunConfig:
-    model: str
-    task: str
-    method: str = "mezo"
-    tuner: str | None = None
-    steps: int = 100
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    eval_every: int = 0
-    eval_examples: int = 200
-    n_train: int = 1000
-    n_dev: int = 500
-    n_test: int = 1000
-    seed: int = 0
-    dtype: str = "float32"
-    max_length: int = 256
-    rank: int = 2
-    nu: int = 50
-    momentum: float = 0.9
-    hessian_smooth: float = 1e-8
-    checkpoint_every: int = 50
-    nonfinite: str = "raise"
-    peft: str | None = None
-    save_model: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def make_optimizer(cfg: RunConfig, model, block_scale, loss_reduce=None) -> ZOOptimizer:
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown --method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    common = dict(
+def make_optimizer(cfg: FinetuneConfig, model, block_scale, loss_reduce=None) -> ZOOptimizer:
+    """The ZO method of ``cfg`` (resolved: ``lr``, ``eps`` and ``normalize`` are set)."""
+    return make_method(
+        cfg.method,
+        model,
         lr=cfg.lr,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+        rank=cfg.rank,
+        nu=cfg.nu,
+        momentum=cfg.momentum,
+        hessian_smooth=cfg.hessian_smooth,
         seed=cfg.seed,
         block_scale=block_scale,
-        nonfinite=cfg.nonfinite,
+        normalize=cfg.normalize,
+        nonfinite=cfg.on_nonfinite,
         record=True,
         loss_reduce=loss_reduce,
     )
-    if cfg.method == "mezo":
-        return ZOSGD(model, **common)
-    if cfg.method == "hizoo":
-        return HiZOO(model, hessian_smooth=cfg.hessian_smooth, **common)
-    momentum = cfg.momentum if cfg.method == "lozo-m" else 0.0
-    return LOZO(model, rank=cfg.rank, nu=cfg.nu, momentum=momentum, **common)
-
-
-class LossAllReduce:
-    """``loss_reduce`` for data parallel ZO: the all-reduce mean of a step's loss scalars.
-
-    It also counts what it sends: one all-reduce of 2 (HiZOO: 3) float64 values per step.
-    """
-
-    def __init__(self, fabric) -> None:
-        self.fabric = fabric
-        self.calls = 0
-        self.payload_bytes = 0
-
-    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        self.payload_bytes += losses.numel() * losses.element_size()
-        return self.fabric.all_reduce(losses.to(self.fabric.device), reduce_op="mean").cpu()
-
-    def report(self, world_size: int) -> dict[str, Any]:
-        per_step = self.payload_bytes / self.calls if self.calls else 0
-        return dict(
-            world_size=world_size,
-            all_reduces_per_step=1,
-            payload_bytes_per_step=per_step,
-            dtype="float64",
-            note="loss scalars only; evaluation adds one small all-reduce per evaluation",
-        )
-
-
-def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the causal-LM loss averages over (labels are shifted left by one)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -146,7 +98,7 @@ class Run:
 
     def __init__(
         self,
-        cfg,
+        cfg: FinetuneConfig,
         model,
         tokenizer,
         task,
@@ -156,6 +108,8 @@ class Run:
         fabric=None,
         progress: bool = True,
         tuner_info: dict | None = None,
+        resolved: dict | None = None,
+        identity: dict | None = None,
     ) -> None:
         self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
         self.opt, self.output, self.fabric, self.progress = optimizer, output, fabric, progress
@@ -163,10 +117,17 @@ class Run:
         self.world = fabric.world_size if fabric else 1
         self.device = next(model.parameters()).device  # where batches go (the embedding's)
         self.devices = sorted({p.device for p in model.parameters()}, key=str)  # device_map
-        self._token_counts: dict[int, int] = {}  # train index -> answer tokens (data parallel)
+        self._units: dict[int, int] = {}  # train index -> what the loss averages over (DDP)
+        from llm.tasks import resolve_objective
+
+        self.objective = resolve_objective(cfg.objective, task)  # auto -> the task's default
+        self.max_length = task.max_length if cfg.max_length is None else cfg.max_length
         self.results: dict[str, Any] = dict(
             self._header(),
+            objective=self.objective,
+            max_length=self.max_length,
             tuner=tuner_info,
+            resolved={k: dict(value=v.value, source=v.source) for k, v in (resolved or {}).items()},
             train_loss=[],
             evals=[],
             eval_before=None,
@@ -175,50 +136,57 @@ class Run:
             wall_time_s=0.0,
             status="running",
         )
-        if self.rank == 0:
-            check_writable(output)
+        self.identity = identity or {}
+        self.saved_steps: int | None = None  # steps in --output as of the last good save
+        self.phase = "setup"  # setup, steps, final evaluation, model, done
 
     def _header(self) -> dict[str, Any]:
         cfg = self.cfg
         return dict(
-            method=cfg.method, task=cfg.task, model=cfg.model, steps=cfg.steps, config=asdict(cfg)
+            method=cfg.method, task=cfg.task, model=cfg.model, steps=cfg.steps, config=cfg.to_dict()
         )
 
     # ---- data ----------------------------------------------------------------------------
     def closure_for(self, step: int):
-        """The closure of global step ``step``: this rank's shard, weighted by its token share.
+        """The closure of global step ``step``: the objective's loss on this rank's shard,
+        weighted by the shard's share of the loss units (answer tokens for ``lm``, examples
+        otherwise; see :func:`llm.tasks.objective_batch`).
 
-        With ``W`` ranks, shard ``r`` holding ``n_r`` of the ``N`` answer tokens returns
-        ``mean_r * n_r * W / N``, whose all-reduce mean is the token mean of the global batch.
+        With ``W`` ranks, shard ``r`` holding ``n_r`` of the ``N`` units returns
+        ``mean_r * n_r * W / N``, whose all-reduce mean is the mean over the global batch.
         """
-        from llm.tasks import loss_batch
+        from llm.tasks import objective_batch, objective_loss
 
         train, cfg = self.task.train, self.cfg
         idx = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         mine = idx[self.rank :: self.world]
-        batch = loss_batch([train[i] for i in mine], self.tokenizer, cfg.max_length)
+        examples = [train[i] for i in mine]
+        batch = objective_batch(examples, self.tokenizer, self.objective, self.max_length)
         weight = 1.0
         if self.world > 1:
-            weight = sum(self._answer_tokens(i) for i in mine) * self.world
-            weight /= sum(self._answer_tokens(i) for i in idx)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        return lambda: self.model(**batch).loss * weight
+            weight = sum(self._loss_units(i) for i in mine) * self.world
+            weight /= sum(self._loss_units(i) for i in idx)
+        batch = batch.to(self.device)
+        return lambda: objective_loss(self.model, batch) * weight
 
-    def _answer_tokens(self, index: int) -> int:
-        """Loss tokens of training example ``index`` (they add up over a batch), cached."""
-        from llm.tasks import loss_batch
+    def _loss_units(self, index: int) -> int:
+        """Loss units of training example ``index`` (they add up over a batch), cached."""
+        from llm.tasks import objective_batch
 
-        if index not in self._token_counts:
+        if index not in self._units:
             example = self.task.train[index]
-            batch = loss_batch([example], self.tokenizer, self.cfg.max_length)
-            self._token_counts[index] = answer_tokens(batch)
-        return self._token_counts[index]
+            batch = objective_batch([example], self.tokenizer, self.objective, self.max_length)
+            self._units[index] = batch.units
+        return self._units[index]
 
     def evaluate(self, split: str) -> dict:
-        """Metrics on the first ``eval_examples`` of ``split``; sharded over the ranks."""
+        """Metrics on the whole test split (its size is ``n_test``), or on the first
+        ``eval_examples`` of dev; sharded over the ranks."""
         from llm.tasks import evaluate
 
-        examples = self.task.split(split)[: self.cfg.eval_examples]
+        examples = self.task.split(split)
+        if split != "test":
+            examples = examples[: self.cfg.eval_examples]
         mine = examples[self.rank :: self.world]
         metrics = {"n": 0}
         if mine:
@@ -227,7 +195,7 @@ class Run:
                 self.tokenizer,
                 mine,
                 progress=self.progress and self.rank == 0,
-                max_length=self.cfg.max_length,
+                max_length=self.max_length,
             )
         if self.world > 1:
             metrics = self._gather_metrics(metrics)
@@ -246,24 +214,12 @@ class Run:
             out["accuracy"] = round(sums[0]) / max(total, 1)
         return dict(out, n=total)
 
-    def replicas_identical(self) -> bool:
-        """Whether every rank holds the same parameters: float64 sum and sum of squares of each
-        block, whose all-reduce max and min agree only when every rank has the same values."""
-        local = torch.stack(
-            [
-                torch.stack([p.double().sum(), p.double().square().sum()])
-                for p in self.opt.blocks.params
-            ]
-        ).to(self.fabric.device)  # (P, 2)
-        high = self.fabric.all_reduce(local.clone(), reduce_op="max")
-        low = self.fabric.all_reduce(local.clone(), reduce_op="min")
-        return bool(torch.equal(high, low))
-
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self, status: str, collective: bool = True) -> None:
         """Write trajectory, state and results (rank 0). ``collective``: every rank calls it
         and learns whether rank 0 succeeded, so a full disk stops all ranks, not just rank 0."""
         self._on_rank0(lambda: self._write(status), collective)
+        self.saved_steps = self.opt.step_count
 
     def _on_rank0(self, write, collective: bool) -> None:
         error = None
@@ -283,66 +239,116 @@ class Run:
         self.results.update(
             status=status, nonfinite_steps=self.opt.nonfinite_steps, steps_done=self.opt.step_count
         )
-        # trajectory first: it may run ahead of state.json, never behind (resume trims it)
+        self.output.mkdir(parents=True, exist_ok=True)
+        # trajectory first: it may run ahead of state.json, never behind (resume drops the rest)
         try:
             Trajectory.from_optimizer(self.opt).save(self.output / TRAJECTORY)
         except OSError as e:
             raise explain_write_error(self.output / TRAJECTORY, e) from e
-        write_json(self.output / STATE, dict(zo=self.opt.zo_state(), results=self.results))
+        state = dict(
+            zo=self.opt.zo_state(),
+            records=records_summary(self.opt.records),
+            identity=self.identity,
+            results=self.results,
+        )
+        write_json(self.output / STATE, state)
         write_json(self.output / RESULTS, self.results)
 
+    def begin(self) -> int:
+        """The step to start from: with ``--resume`` the saved run's (:meth:`resume`), else 0,
+        after removing every file of an old run in the folder (``--overwrite``)."""
+        if self.cfg.resume:
+            return self.resume()
+        if self.cfg.overwrite and self.rank == 0:
+            clear_run(self.output)
+        return 0
+
     def resume(self) -> int:
-        """Replay the saved trajectory and restore the optimizer; returns the next step."""
+        """Check the saved run (:func:`finetune.checkpoint.check_resume`), replay its
+        trajectory and restore the optimizer; returns the next step."""
         state = read_json(self.output / STATE, "run state (state.json)")
-        traj = Trajectory.load(self.output / TRAJECTORY)
-        if traj.fingerprint != self.opt.blocks.fingerprint():
-            raise ValueError(f"{self.output / TRAJECTORY} was recorded on another model")
-        saved = state["results"]["config"]
-        for key in RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
-                raise ValueError(
-                    f"--resume: {key} was {saved.get(key)!r}, now {getattr(self.cfg, key)!r}; "
-                    "resume with the same settings or use a new --output"
-                )
-        done = int(state["zo"]["step_count"])
-        apply_records(self.opt, [r for r in traj.records if r.step < done])
+        if not (self.output / TRAJECTORY).is_file():
+            raise OutputError(f"--resume: {self.output / TRAJECTORY} is missing")
+        records = check_resume(
+            self.output,
+            state,
+            Trajectory.load(self.output / TRAJECTORY),
+            config=self.cfg.to_dict(),
+            identity=self.identity,
+            fingerprint=self.opt.blocks.fingerprint(),
+        )
+        apply_records(self.opt, records)
         self.opt.load_zo_state(state["zo"])
         self.results = dict(state["results"], **self._header())
+        self.saved_steps = self.opt.step_count
+        stale = self.output / MODEL_DIR
+        if self.rank == 0 and self.cfg.steps > self.saved_steps and stale.is_dir():
+            shutil.rmtree(stale)  # the weights of an earlier step: more steps follow
         return self.opt.step_count
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, start_step: int = 0) -> dict:
+        """Zero-shot test evaluation, the steps, the final evaluation, then the files. An
+        interrupt or a failure first saves the last completed step (:meth:`_save_progress`)."""
         cfg, t0 = self.cfg, time.perf_counter()
         elapsed0 = self.results.get("wall_time_s", 0.0)
-        if self.results["eval_before"] is None:
-            self.results["eval_before"] = self.evaluate("test")
-        t_train = time.perf_counter()
         try:
+            if self.results["eval_before"] is None:
+                self.results["eval_before"] = self.evaluate("test")
+            t_train = time.perf_counter()
+            self.phase = "steps"
             self._steps(start_step)
+            train_s = time.perf_counter() - t_train
+            if self.saved_steps != self.opt.step_count:
+                self.save("running")  # every step is safe before the final evaluation
+            self.phase = "final evaluation"
+            self.results["eval_after"] = self.evaluate("test")
         except BaseException as err:
             self.results["wall_time_s"] = elapsed0 + time.perf_counter() - t0
-            if isinstance(err, NonFiniteLossError):  # the failed step counts, as with "skip"
-                self.results["train_loss"].append(float("nan"))
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            try:  # not collective: after Ctrl-C the ranks are not in step
-                self.save(status, collective=False)  # the last completed step is never lost
-            except OSError:
-                if not isinstance(err, OSError):
-                    raise
+            self._save_progress(err)
             raise
-        train_s = time.perf_counter() - t_train
-        self.results["eval_after"] = self.evaluate("test")
         self.results["wall_time_s"] = elapsed0 + time.perf_counter() - t0
         self.results["train_time_s"] = train_s
         self.results["steps_per_s"] = (cfg.steps - start_step) / train_s if train_s > 0 else None
         self.results["peak_memory_bytes"] = sum(peak_memory_bytes(d) for d in self.devices)
         if isinstance(self.opt.loss_reduce, LossAllReduce):
             self.results["communication"] = self.opt.loss_reduce.report(self.world)
-            self.results["replicas_identical"] = self.replicas_identical()
+            self.results["replicas_identical"] = replicas_identical(
+                self.fabric, self.opt.blocks.params
+            )
+        if cfg.save_model:
+            self.phase = "model"
+            self._save_model_or_fail()
         self.save("finished")
-        if cfg.save_model:  # collective: no rank exits while rank 0 still writes
-            self._on_rank0(self.save_model, collective=True)
+        self.phase = "done"
         return self.results
+
+    def _save_progress(self, err: BaseException) -> None:
+        """After ``err`` stopped the run: save the last completed step, unless nothing is
+        there to save (no step done and nothing saved before)."""
+        if isinstance(err, NonFiniteLossError):  # the failed step counts, as with "skip"
+            self.results["train_loss"].append(float("nan"))
+        if self.saved_steps is None and self.opt.step_count == 0:
+            return
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        try:  # not collective: after Ctrl-C the ranks are not in step
+            self.save(status, collective=False)  # the last completed step is never lost
+        except OSError:
+            if not isinstance(err, OSError):
+                raise
+
+    def _save_model_or_fail(self) -> None:
+        """Write model/ (collective: no rank exits while rank 0 still writes); when that fails,
+        results.json says so ("failed", with the error) and the error goes on."""
+        try:
+            self._on_rank0(self.save_model, collective=True)
+        except OSError as err:
+            self.results["error"] = str(err)
+            try:
+                self.save("failed", collective=False)
+            except OSError:
+                pass  # the disk refuses even results.json: the files before stay intact
+            raise
 
     def _steps(self, start_step: int) -> None:
         from rich.progress import (
@@ -385,14 +391,13 @@ class Run:
             self.save("running")
 
     def save_model(self) -> Path:
-        from l2l.tuner import atomic_directory
-
+        """The fine-tuned weights and tokenizer as a Hugging Face folder, swapped in whole."""
         target = self.output / MODEL_DIR
         try:
             with atomic_directory(target) as staged:
-                os.chmod(staged, 0o755)  # a staging folder is created 0700
+                staged.chmod(0o755)  # a staging folder is created 0700
                 self.model.save_pretrained(staged, safe_serialization=True)
                 self.tokenizer.save_pretrained(staged)
-        except OSError as e:
+        except Exception as e:  # safetensors reports a full disk as its own error type
             raise explain_write_error(target, e) from e
         return target

@@ -1,6 +1,7 @@
 """l2l: learned zeroth-order fine-tuning for large language models (plain PyTorch)."""
 
 from l2l.blocks import ParamBlocks, block_fingerprint
+from l2l.finetuned import load_finetuned, push_finetuned, weights_sha256
 from l2l.methods import (
     LOZO,
     ZOSGD,
@@ -28,7 +29,10 @@ __all__ = [
     "ZOOptimizer",
     "block_fingerprint",
     "hessian_diag_estimate",
+    "load_finetuned",
     "normalisation",
+    "push_finetuned",
     "apply_records",
     "replay",
+    "weights_sha256",
 ]

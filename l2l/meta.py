@@ -6,7 +6,8 @@ One meta-step on a minibatch (Section 3 of ZO Fine-tuner):
   3. look-ahead theta1 = theta0 - lr_update g nf sigma_b(omega) z_b   (g, z, nf constant);
   4. meta-loss L(theta1) on the same minibatch; its gradient w.r.t. omega goes into the tuner.
 
-Implementation: theta1 is applied in place (no second copy of the model), one backward at theta1
+Implementation: theta1 is applied in place (no second copy of the model) and undone bit for bit
+(:func:`_shift`, :func:`_unshift`), one backward at theta1
 gives dL/dtheta1, and the chain rule through the scalar block coefficient
 c_b = lr_update g nf sigma_b gives dL/dsigma_b = -lr_update g nf <dL/dtheta1_b, z_b>. Backpropagating
 sum_b sigma_b * stopgrad(dL/dsigma_b) into the tuner is exactly the autograd meta-gradient, without
@@ -24,9 +25,10 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks
 from l2l.perturb import Perturber
+from l2l.rounding import SALT_SHIFT, check_rounding, round_into, rounding_key
 from l2l.scales import block_features, normalisation
 from l2l.shards import all_reduce_sum, is_sharded, local_chunks, shard_group
-from l2l.z import param_chunk_z
+from l2l.z import chunk_start, param_chunk_z
 
 
 @dataclass
@@ -53,12 +55,86 @@ def _z(blocks: ParamBlocks, seed: int, b: int, c: int) -> torch.Tensor:
     return param_chunk_z(seed, b, c, blocks.params[b])
 
 
-@torch.no_grad()
-def _shift(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor) -> None:
-    """theta_b += coeffs[b] z_b in place (a sharded block: the rows held here)."""
+#: bit patterns compared as integers (NaN == NaN, -0 != +0)
+_BITS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+#: (block, chunk) -> (positions in the chunk's rows held here, theta0 at those positions), or
+#: (None, theta0 of all those rows) when that is smaller
+Saved = dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]]
+
+
+def _moved(
+    t: torch.Tensor, z: torch.Tensor, coeff: float, key: int, start: int, rounding: str, back: bool
+) -> torch.Tensor:
+    """``round(t + coeff z)``, or with ``back`` ``round(t - coeff z)`` on the complement bits:
+    a new tensor of ``t``'s dtype. float32/float64 round to nearest; half precision computes in
+    float32 and rounds as ``rounding`` says (``t`` starts at position ``start`` of its block)."""
+    alpha = -coeff if back else coeff
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.add(t, z.to(t.dtype), alpha=alpha)
+    out = torch.empty_like(t)
+    round_into(
+        out, t.float().add_(z, alpha=alpha), key, start=start, rounding=rounding, complement=back
+    )
+    return out
+
+
+def _chunks(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor):
+    """(b, c, view of chunk c's rows held here, their z, coeff_b, rounding key, the rows'
+    first position in block b) for every chunk."""
     for b, p in enumerate(blocks.params):
+        per_row = max(1, int(torch.Size(p.shape[1:]).numel()))
+        key = rounding_key(seed, b, SALT_SHIFT)
         for c, view, rows in local_chunks(p):
-            view.add_(_z(blocks, seed, b, c)[rows].to(view.dtype), alpha=float(coeffs[b]))
+            start = chunk_start(p.shape, c) + (0 if rows is Ellipsis else rows.start * per_row)
+            yield b, c, view, _z(blocks, seed, b, c)[rows], float(coeffs[b]), key, start
+
+
+@torch.no_grad()
+def _shift(
+    blocks: ParamBlocks, seed: int, coeffs: torch.Tensor, rounding: str = "stochastic"
+) -> Saved:
+    """theta_b <- round(theta_b + coeffs[b] z_b) in place (a sharded block: the rows held here).
+
+    Returns what :func:`_unshift` needs besides the seed to restore theta0 bit for bit: rounding
+    ``theta1 - coeffs[b] z_b`` with the complement bits inverts the shift wherever theta0, the
+    sum, theta1 and theta1 minus the shift share a binade; the few other elements (next to a power of two, or far
+    smaller than the shift: ~0.1% of a model at lr_update g ~ 1e-6) keep their theta0 here.
+    Memory: one chunk's temporaries, plus those (at most one chunk's worth per chunk).
+    """
+    saved: Saved = {}
+    for b, c, view, z, coeff, key, start in _chunks(blocks, seed, coeffs):
+        shifted = _moved(view, z, coeff, key, start, rounding, back=False)
+        undone = _moved(shifted, z, coeff, key, start, rounding, back=True)
+        bits = _BITS[view.dtype]
+        miss = (undone.view(bits) != view.view(bits)).reshape(-1).nonzero().squeeze(1)
+        if 3 * miss.numel() > view.numel():  # a shift of many ulps: the whole chunk is smaller
+            saved[b, c] = (None, view.clone())
+        elif miss.numel():
+            saved[b, c] = (miss.int(), view.reshape(-1)[miss].clone())
+        view.copy_(shifted)
+    return saved
+
+
+@torch.no_grad()
+def _unshift(
+    blocks: ParamBlocks, seed: int, coeffs: torch.Tensor, saved: Saved, rounding: str = "stochastic"
+) -> None:
+    """Undo ``_shift(blocks, seed, coeffs, rounding)`` (which returned ``saved``) exactly."""
+    for b, c, view, z, coeff, key, start in _chunks(blocks, seed, coeffs):
+        miss, theta0 = saved.get((b, c), (None, None))
+        if theta0 is not None and miss is None:  # all of these rows were kept
+            view.copy_(theta0)
+            continue
+        undone = _moved(view, z, coeff, key, start, rounding, back=True)
+        if theta0 is not None:
+            undone.view(-1)[miss] = theta0
+        view.copy_(undone)
 
 
 @torch.no_grad()
@@ -97,13 +173,17 @@ def meta_step(
     normalize: bool = True,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rounding: str = "stochastic",
 ) -> MetaStepOutput:
     """Run one meta-step; leaves tuner grads in ``tuner`` and dL/dtheta1 in ``p.grad``.
 
-    The model's parameters are back at theta0 (up to float rounding) on return. ``backward`` lets
+    The model's parameters are back at theta0, bit for bit, on return. In half precision the
+    look-ahead theta1 is rounded as ``rounding`` says (``"stochastic"``: theta1 carries the shift
+    in expectation; ``"nearest"`` loses most of it), with bits from ``seed``. ``backward`` lets
     a trainer (Lightning's ``manual_backward``) own the backward passes; ``loss_reduce`` (e.g. an
     all-reduce mean across data-parallel ranks) is applied to the stacked (L+, L-) before use.
     """
+    check_rounding(rounding)
     numels = blocks.numels
     sigma_prev = state.sigma if state.sigma is not None else torch.ones(len(blocks))
     features = block_features(blocks, (state.loss_plus, state.loss_minus), sigma_prev)
@@ -130,7 +210,7 @@ def meta_step(
     g = (lp - lm) / (2 * eps)
 
     coeffs = -lr_update * g * scales  # theta1 = theta0 + coeffs_b z_b
-    _shift(blocks, seed, coeffs)
+    saved = _shift(blocks, seed, coeffs, rounding)
     try:
         for p in blocks.params:
             p.grad = None
@@ -139,7 +219,7 @@ def meta_step(
         # dL/dsigma_b = -lr_update g nf <grad_b, z_b>
         dsigma = _grad_dot_z(blocks, seed) * (-lr_update * g * float(nf))
     finally:
-        _shift(blocks, seed, -coeffs)
+        _unshift(blocks, seed, coeffs, saved, rounding)
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()
     backward(surrogate)
     return MetaStepOutput(meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf))

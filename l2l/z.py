@@ -1,21 +1,74 @@
-"""The random direction z: a pure function of (step seed, block, chunk), the leaf of ``l2l``.
+"""The random direction z: a pure function of (step seed, block, element), the leaf of ``l2l``.
 
-The direction of block ``b`` at step seed ``s`` is defined chunk by chunk: the block is cut along
-its first dimension into row chunks of at most ``CHUNK_ELEMENTS`` elements, and chunk ``c`` is
-``randn`` drawn from a generator seeded with ``chunk_seed(s, b, c)``. Nothing is stored: the
-forward passes and the update regenerate exactly the same numbers from ``(s, b, c)``.
+Element ``i`` (row-major position) of block ``b``'s direction at step seed ``s`` is::
+
+    key = mix_seed(s, b)
+    g, c, q = i // 2G, (i // G) % 2, i % G      # G = GROUP = 1024
+    z[i] = box_muller(splitmix64(key, G g + q))[c]
+
+Pair ``k`` of the stream gets 64 random bits ``h``, output ``k`` of SplitMix64 seeded with
+``key`` (Steele, Lea & Flood 2014): ``mix64(key + (k + 1) GAMMA)``. Box-Muller turns them into two
+independent N(0, 1): the low 30 bits give the radius ``sqrt(-2 ln u)``, ``u`` in ``(0, 1]``, the
+high 32 bits an angle in ``[0, pi/2)``, bits 31 and 30 the two signs (independent reflections make
+the angle uniform on the circle). Nothing is stored: the forward passes and the update regenerate
+the same numbers, and since element ``i`` depends on ``i`` alone and on no chunking, a block can
+be drawn in any pieces.
+
+The same bits on every device: the integer part is int64 arithmetic (which wraps; right shifts are
+made logical by masking); the float part uses only float32 operations that IEEE 754 rounds
+correctly, ``+ - * /``, each its own torch op (no device can fuse two into an FMA), no
+division by a scalar (CUDA turns it into a multiplication by the reciprocal), and constants exact
+in float32. ``ln`` and ``sin``/``cos`` are fixed polynomials (their approximation error below
+float32's half-ulp) evaluated with those ops, the logarithm's exponent and mantissa read from the
+float's bits, and ``sqrt`` is three Newton steps: library transcendentals differ in the last bit
+between CPU and CUDA, and torch's CPU ``sqrt`` is not even correctly rounded.
+:mod:`l2l.z_reference` computes the same numbers one element at a time; the tests compare the two
+bit-for-bit.
 
 This module imports nothing of ``l2l``; blocks, shards, the perturber and the methods import it.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
-#: Largest number of elements of one direction chunk (16 MiB in float32).
+#: Name of the generator defined here; trajectories record it (a different name, different z).
+GENERATOR = "l2l-splitmix64-boxmuller-v1"
+
+#: Largest number of elements of one direction chunk (16 MiB in float32). Only how much of z is
+#: alive at once: z's values do not depend on it.
 CHUNK_ELEMENTS = 1 << 22
 
 _MASK64 = (1 << 64) - 1
+
+# SplitMix64's increment and mix64's multipliers (Steele, Lea & Flood 2014).
+GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+# Float32-exact constants of the float part (see l2l.z_reference for the maths, tests/l2l/test_z.py
+# for their accuracy). Polynomials are lowest order first, minimax fits of the relative error.
+#: 2 ln m = s P(s^2), s = (m - 1) / (m + 1), m in [sqrt(1/2), sqrt(2)): 4 atanh(s) / s.
+LOG_POLY = (4.0, 1.333336353302002, 0.7994948625564575, 0.5985410213470459)
+#: sin(phi) / sqrt(2) = phi S(phi^2) on [-pi/4, pi/4].
+SIN_POLY = (0.7071067690849304, -0.11785101145505905, 0.005891625303775072, -0.00013789845979772508)
+#: cos(phi) / sqrt(2) = C(phi^2) on [-pi/4, pi/4].
+COS_POLY = (0.7071067690849304, -0.35355228185653687, 0.029454121366143227, -0.0009602066711522639)
+TWO_LN2 = 1.3862943649291992  # float32(2 ln 2)
+#: phi = float32(w) PHI_SCALE in [-pi/4, pi/4] for a signed 32-bit w.
+PHI_SCALE = float.fromhex("0x1.921fb6p-32")  # float32(pi) / 2^33
+SQRT_HALF_BITS = 0x3F3504F3  # float32(sqrt(1/2)) as int32 bits
+#: bits(v) - LOG_BIAS = (e + 1) 2^23 + (bits(m) - SQRT_HALF_BITS) for v = 2^e m.
+LOG_BIAS = SQRT_HALF_BITS - (1 << 23)
+SQRT_GUESS = 0x1FBB67AE  # bits(sqrt(x)) ~ (bits(x) >> 1) + SQRT_GUESS, within 3.6%
+
+_SIGN = -(1 << 31)  # int32 with only the sign bit set
+
+
+def _signed64(v: int) -> int:
+    """``v`` mod 2^64 as the int64 with the same bits."""
+    v &= _MASK64
+    return v - (1 << 64) if v >> 63 else v
 
 
 def mix_seed(*values: int) -> int:
@@ -28,8 +81,11 @@ def mix_seed(*values: int) -> int:
     return h >> 1
 
 
-def chunk_seed(step_seed: int, block: int, chunk: int) -> int:
-    return mix_seed(step_seed, block, chunk)
+def z_key(step_seed: int, block: int) -> int:
+    """The SplitMix64 key of block ``block``'s direction at ``step_seed``. Other random streams of
+    a step (e.g. rounding bits) use ``mix_seed(step_seed, block, stream)`` with their own
+    ``stream`` so that they never reuse z's bits."""
+    return mix_seed(step_seed, block)
 
 
 def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int]]:
@@ -37,50 +93,260 @@ def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int]]:
     if len(shape) == 0:
         return [(0, 1)]
     rows = shape[0]
-    per_row = max(1, int(torch.Size(shape[1:]).numel()))
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, CHUNK_ELEMENTS // _per_row(shape))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def _per_row(shape: torch.Size | tuple[int, ...]) -> int:
+    return max(1, int(torch.Size(shape[1:]).numel()))
 
 
 def chunk_view(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return t if t.ndim == 0 else t[r0:r1]
 
 
-class _Generators:
-    """One reusable ``torch.Generator`` per device."""
+# ---- the generator in torch ops -------------------------------------------------------------
+#: Box-Muller's two outputs of pair ``G g + q`` (q < G) are elements ``2 G g + q`` and
+#: ``2 G g + G + q``: every op of the generator then reads and writes runs of G contiguous values.
+GROUP = 1 << 10
+#: Pairs per pass (a multiple of GROUP): on CPU small enough that the intermediate buffers stay in
+#: cache (~7 MiB), elsewhere large enough for a chunk in two passes (~60 ops each; ~60 MiB).
+CPU_PAIRS = 1 << 17
+DEVICE_PAIRS = 1 << 20
 
-    def __init__(self) -> None:
-        self._by_device: dict[torch.device, torch.Generator] = {}
-
-    def get(self, device: torch.device, seed: int) -> torch.Generator:
-        gen = self._by_device.get(device)
-        if gen is None:
-            gen = self._by_device[device] = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return gen
+_GAMMA = _signed64(GAMMA)
 
 
-_GENERATORS = _Generators()
+class _Workspace:
+    """One device's buffers for the generator's intermediate values, ``pairs`` pairs a pass, and
+    its constants as 0-dim tensors of the device (a Python scalar costs a conversion per op)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.pairs = n = CPU_PAIRS if device.type == "cpu" else DEVICE_PAIRS
+        with torch.inference_mode(False):  # reusable in and outside inference mode
+            i64 = dict(dtype=torch.int64, device=device)
+            self.steps = torch.arange(n, **i64).mul_(_GAMMA)  # k GAMMA, wrapping
+            self.h, self.tmp = torch.empty(n, **i64), torch.empty(n, **i64)
+            self.signs = torch.empty(n // GROUP, 2, GROUP, dtype=torch.int32, device=device)
+            self.f = torch.empty(5, n, dtype=torch.float32, device=device)
+            self.i = torch.empty(2, n, dtype=torch.int32, device=device)
+
+            def const(value, dtype):
+                return torch.tensor(value, dtype=dtype, device=device)
+
+            self.mix = [  # (shift, mask making it logical, multiplier)
+                (shift, const((1 << (64 - shift)) - 1, torch.int64), mult)
+                for shift, mult in (
+                    (30, const(_signed64(MIX1), torch.int64)),
+                    (27, const(_signed64(MIX2), torch.int64)),
+                    (31, None),
+                )
+            ]
+            ints = (_SIGN, 0x3FFFFFFF, 0x7FFFFF, 0x0FFFFFFF, LOG_BIAS, SQRT_HALF_BITS, SQRT_GUESS)
+            self.i32 = {v: const(v, torch.int32) for v in ints}
+            floats = (1.0, 2.0, 0.5, TWO_LN2, PHI_SCALE, *LOG_POLY, *SIN_POLY, *COS_POLY)
+            self.f32 = {v: const(v, torch.float32) for v in floats}
 
 
-class _Scratch:
-    """One reusable float32 buffer of ``CHUNK_ELEMENTS`` per device for transient z chunks.
+class _PerDevice:
+    """One lazily built object per device (workspaces, scratch buffers)."""
 
-    A fresh 16 MiB allocation per chunk costs page faults on every draw (on CPU ``randn`` into a
-    new tensor is ~1.5x slower than ``normal_`` into a reused one); the draw itself is the same.
+    def __init__(self, build) -> None:
+        self._build = build
+        self._by_device: dict[torch.device, object] = {}
+
+    def get(self, device: torch.device):
+        obj = self._by_device.get(device)
+        if obj is None:
+            obj = self._by_device[device] = self._build(device)
+        return obj
+
+
+def _scratch(device: torch.device) -> torch.Tensor:
+    # spare room: a range that starts or ends inside a group is drawn as whole groups
+    with torch.inference_mode(False):
+        return torch.empty(CHUNK_ELEMENTS + 4 * GROUP, dtype=torch.float32, device=device)
+
+
+_WORKSPACES = _PerDevice(_Workspace)
+#: One reusable float32 buffer per device for transient z chunks: a fresh 16 MiB allocation per
+#: chunk costs page faults on every draw.
+_SCRATCH = _PerDevice(_scratch)
+
+
+def _mix64_(ws: _Workspace, h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's mix64 in place on int64 ``h`` (``tmp``: a buffer of its shape)."""
+    for shift, mask, mult in ws.mix:
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=tmp).bitwise_and_(mask))
+        if mult is not None:
+            h.mul_(mult)
+    return h
+
+
+def _horner(ws: _Workspace, x: torch.Tensor, coeffs, out: torch.Tensor) -> torch.Tensor:
+    """``c0 + x (c1 + x (c2 + ...))`` into ``out``, one rounding per op."""
+    c = [ws.f32[v] for v in coeffs]
+    torch.mul(x, c[-1], out=out)
+    for ck in reversed(c[1:-1]):
+        out.add_(ck).mul_(x)
+    return out.add_(c[0])
+
+
+def _sqrt(ws: _Workspace, q: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """sqrt of ``q >= 0`` (float32, within an ulp) by Newton's iteration ``y <- (y + q / y) / 2``
+    from the exponent-halving guess (relative error <= 3.6%, so three steps reach float32's
+    precision). torch's CPU ``sqrt`` is not correctly rounded, so it is not used; ``bits``,
+    ``tmp``: int32 and float32 buffers of ``q``'s shape."""
+    y = torch.bitwise_right_shift(q.view(torch.int32), 1, out=bits).add_(ws.i32[SQRT_GUESS])
+    y = y.view(torch.float32)
+    for _ in range(3):
+        y.add_(torch.div(q, y, out=tmp)).mul_(ws.f32[0.5])
+    return y
+
+
+def _box_muller(ws: _Workspace, n: int, out: torch.Tensor) -> None:
+    """The pairs of ``ws.h[:n]`` (mixed bits) into ``out`` (n / GROUP, 2, GROUP)."""
+    g, c, k = n // GROUP, ws.i32, ws.f32
+    f = [ws.f[j, :n].view(g, GROUP) for j in range(5)]
+    i = [ws.i[j, :n].view(g, GROUP) for j in range(2)]
+    low = i[0].copy_(ws.h[:n].view(g, GROUP))  # int64 -> int32 keeps the low 32 bits
+    signs = ws.signs[:g]  # bits 31 and 30 of the low word: signs of z[2Gg + q], z[2Gg + G + q]
+    torch.bitwise_and(low, c[_SIGN], out=signs[:, 0])
+    torch.bitwise_left_shift(low, 1, out=signs[:, 1]).bitwise_and_(c[_SIGN])
+    # angle pi/4 + phi in [0, pi/2), phi from the high word (signed)
+    high = i[1].copy_(torch.bitwise_right_shift(ws.h[:n], 32, out=ws.tmp[:n]).view(g, GROUP))
+    phi = f[4].copy_(high).mul_(k[PHI_SCALE])
+    # radius sqrt(-2 ln u), u = v / 2^30, v = (low 30 bits of the low word) + 1 in [1, 2^30]
+    v = f[0].copy_(low.bitwise_and_(c[0x3FFFFFFF])).add_(k[1.0])
+    ix = torch.sub(v.view(torch.int32), c[LOG_BIAS], out=i[0])  # v = 2^e m, ix >> 23 = e + 1
+    m = torch.bitwise_and(ix, c[0x7FFFFF], out=i[1]).add_(c[SQRT_HALF_BITS])
+    # 30 - e = (0x0FFFFFFF - ix) >> 23, and 0 <= ix < 2^28 makes the subtraction an xor
+    q = f[1].copy_(ix.bitwise_xor_(c[0x0FFFFFFF]).bitwise_right_shift_(23)).mul_(k[TWO_LN2])
+    t = torch.sub(m.view(torch.float32), k[1.0], out=f[2])  # m - 1, exact (Sterbenz)
+    s = torch.div(t, torch.add(t, k[2.0], out=f[3]), out=f[3])  # (m - 1) / (m + 1)
+    two_ln_m = _horner(ws, torch.mul(s, s, out=f[2]), LOG_POLY, f[0]).mul_(s)
+    r = _sqrt(ws, q.sub_(two_ln_m), i[1], f[2])  # -2 ln u = 2 ln 2 (30 - e) - 2 ln m
+    # (cos, sin)(pi/4 + phi) = (C - S, C + S) with S, C those of phi / sqrt(2)
+    p = torch.mul(phi, phi, out=f[2])
+    sin = _horner(ws, p, SIN_POLY, f[3]).mul_(phi)
+    cos = _horner(ws, p, COS_POLY, f[0])
+    torch.mul(torch.sub(cos, sin, out=f[4]), r, out=out[:, 0])
+    torch.mul(cos.add_(sin), r, out=out[:, 1])
+    out.view(torch.int32).bitwise_xor_(signs)  # independent reflections: uniform on the circle
+
+
+def _draw_groups(key: int, g0: int, out: torch.Tensor) -> None:
+    """Groups ``g0, g0 + 1, ...`` of stream ``key`` into ``out`` (groups, 2, GROUP)."""
+    ws = _WORKSPACES.get(out.device)
+    per_pass = ws.pairs // GROUP
+    for a in range(0, out.shape[0], per_pass):
+        g = min(per_pass, out.shape[0] - a)
+        n = g * GROUP
+        # state of pair k: key + (k + 1) GAMMA
+        first = (g0 + a) * GROUP
+        torch.add(ws.steps[:n], _signed64(key + (first + 1) * GAMMA), out=ws.h[:n])
+        _mix64_(ws, ws.h[:n], ws.tmp[:n])
+        _box_muller(ws, n, out[a : a + g])
+
+
+class _Recent:
+    """The last small draws (at most ``SMALL`` elements each, ``BUDGET`` in all, per process).
+
+    A step draws each block's z three times (two forwards and the update), and for a small
+    block (a norm's weight, a bias) the generator's fixed cost per op dominates: a repeat is a
+    copy. z is a pure function of its key, so a remembered draw is never stale.
     """
 
+    SMALL, BUDGET = 1 << 14, 1 << 22
+
     def __init__(self) -> None:
-        self._by_device: dict[torch.device, torch.Tensor] = {}
+        self._draws: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._elements = 0
 
-    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        buf = self._by_device.get(device)
-        if buf is None:
-            buf = self._by_device[device] = torch.empty(CHUNK_ELEMENTS, device=device)
-        return buf[: torch.Size(shape).numel()].view(shape)
+    def get(self, key: tuple) -> torch.Tensor | None:
+        hit = self._draws.get(key)
+        if hit is not None:
+            self._draws.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple, values: torch.Tensor) -> None:
+        self._draws[key] = values
+        self._elements += values.numel()
+        while self._elements > self.BUDGET:
+            self._elements -= self._draws.popitem(last=False)[1].numel()
 
 
-_SCRATCH = _Scratch()
+_RECENT = _Recent()
+
+
+def _draw(key: int, start: int, numel: int, device: torch.device, flat: torch.Tensor | None):
+    """Elements ``start .. start + numel - 1`` of stream ``key`` (flat, float32), written into
+    ``flat`` (room for the whole groups they span) when given."""
+    span = 2 * GROUP  # elements of one group
+    g0 = start // span
+    groups = -(-(start + numel) // span) - g0 if numel else 0
+    if flat is None or flat.numel() < groups * span:
+        flat = torch.empty(groups * span, dtype=torch.float32, device=device)
+    _draw_groups(key, g0, flat[: groups * span].view(groups, 2, GROUP))
+    return flat[start - g0 * span :][:numel]
+
+
+def gaussian(
+    step_seed: int,
+    block: int,
+    start: int,
+    shape: tuple[int, ...] | torch.Size,
+    device: torch.device | str,
+    transient: bool = False,
+) -> torch.Tensor:
+    """Elements ``start, start + 1, ...`` of block ``block``'s z as a float32 tensor of ``shape``.
+
+    ``transient``: write into the device's scratch buffer (no allocation). The result is then
+    overwritten by the next transient draw, so use it at once and never keep it (no autograd).
+    """
+    device = torch.device(device)
+    numel = torch.Size(shape).numel()
+    key = z_key(step_seed, block)
+    scratch = _SCRATCH.get(device) if transient else None
+    with torch.profiler.record_function("l2l::z"):
+        if numel > _Recent.SMALL:
+            return _draw(key, start, numel, device, scratch).view(shape)
+        recent = _RECENT.get((device, key, start, numel))
+        if recent is None:
+            recent = _draw(key, start, numel, device, None).clone()
+            _RECENT.put((device, key, start, numel), recent)
+        out = recent.clone() if scratch is None else scratch[:numel].copy_(recent)
+        return out.view(shape)
+
+
+def counter_bits(
+    key: int, start: int, numel: int, device: torch.device | str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SplitMix64 outputs ``start .. start + numel - 1`` of stream ``key``: int64, 64 uniform
+    bits each, the same on every device (``out``: a contiguous int64 tensor of ``numel``
+    elements to fill). Viewed as int32, word ``2 j`` is the low half of output ``j``.
+    """
+    device = torch.device(device)
+    with torch.profiler.record_function("l2l::bits"):
+        if out is None:
+            out = torch.empty(numel, dtype=torch.int64, device=device)
+        ws, flat = _WORKSPACES.get(device), out.view(-1)
+        for a in range(0, numel, ws.pairs):
+            n = min(ws.pairs, numel - a)
+            h = torch.add(
+                ws.steps[:n], _signed64(key + (start + a + 1) * GAMMA), out=flat[a : a + n]
+            )
+            _mix64_(ws, h, ws.tmp[:n])
+        return out
+
+
+def chunk_start(shape: tuple[int, ...] | torch.Size, chunk: int) -> int:
+    """Position of the first element of row chunk ``chunk`` in a block whose rows have
+    ``shape[1:]`` (the cut of :func:`row_chunks`)."""
+    if len(shape) == 0:
+        return 0
+    per_row = _per_row(shape)
+    return chunk * max(1, CHUNK_ELEMENTS // per_row) * per_row
 
 
 def gaussian_chunk(
@@ -90,16 +356,15 @@ def gaussian_chunk(
     shape: tuple[int, ...],
     device: torch.device,
     transient: bool = False,
+    start: int | None = None,
 ) -> torch.Tensor:
-    """z for one chunk: float32 standard normal of ``shape`` from the chunk's own seed.
+    """z for row chunk ``chunk`` of a block: float32 of ``shape``, the chunk's own shape.
 
-    ``transient``: write into the device's scratch buffer (no allocation). The result is then
-    overwritten by the next transient draw, so use it at once and never keep it (no autograd).
+    The chunk begins at element ``start``; by default where :func:`row_chunks` puts chunk
+    ``chunk`` of a block whose rows have ``shape[1:]``. ``transient`` as in :func:`gaussian`.
     """
-    gen = _GENERATORS.get(device, chunk_seed(step_seed, block, chunk))
-    if transient and torch.Size(shape).numel() <= CHUNK_ELEMENTS:
-        return _SCRATCH.get(shape, device).normal_(generator=gen)
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    start = chunk_start(shape, chunk) if start is None else start
+    return gaussian(step_seed, block, start, shape, device, transient)
 
 
 def chunk_shape(param: torch.Tensor, r0: int, r1: int) -> tuple[int, ...]:
@@ -110,16 +375,12 @@ def param_chunk_z(
     step_seed: int, block: int, chunk: int, param: torch.Tensor, transient: bool = False
 ) -> torch.Tensor:
     """z for chunk ``chunk`` of block ``block`` (whose tensor is ``param``); ``transient`` as in
-    :func:`gaussian_chunk`."""
+    :func:`gaussian`."""
     r0, r1 = row_chunks(param.shape)[chunk]
-    shape = chunk_shape(param, r0, r1)
-    return gaussian_chunk(step_seed, block, chunk, shape, param.device, transient)
+    start = r0 * _per_row(param.shape)
+    return gaussian(step_seed, block, start, chunk_shape(param, r0, r1), param.device, transient)
 
 
 def gaussian_block(step_seed: int, block: int, param: torch.Tensor) -> torch.Tensor:
-    """The whole z of one block (concatenated chunks). Used by the plain reference code."""
-    parts = [
-        gaussian_chunk(step_seed, block, c, chunk_shape(param, r0, r1), param.device)
-        for c, (r0, r1) in enumerate(row_chunks(param.shape))
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    """The whole z of one block (a new tensor of ``param``'s shape). Used by reference code."""
+    return gaussian(step_seed, block, 0, tuple(param.shape), param.device)

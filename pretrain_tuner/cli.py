@@ -1,313 +1,101 @@
-"""``pretrain-tuner``: meta-train a block-scale tuner for one base LLM and publish it.
+"""pretrain-tuner: meta-train a block-scale tuner for one base LLM and publish it.
 
-    pretrain-tuner --model smollm2-135m --tasks tweets,nyt-editorials --output tuners/smollm2-135m
-    pretrain-tuner --model meta-llama/Llama-3.2-1B --tasks copa --output out --devices 1 \\
-        --precision bf16-mixed --push-to-hub me/llama-3.2-1b-tuner
+    pretrain-tuner --model smollm2-135m --task [tweets,nyt-editorials] --output tuners/smollm2
+    pretrain-tuner --model meta-llama/Llama-3.2-1B --task copa --output out --devices 4 \\
+        --precision bf16-mixed --push_to_hub me/llama-3.2-1b-tuner
+    pretrain-tuner --config recipe.yaml        # a recipe written by --print_config
 
-Writes the tuner folder (config.json, model.safetensors, README.md) into ``--output``, with the
-Lightning checkpoints in ``--output/checkpoints`` and CSV (and TensorBoard, when installed) logs in
-``--output/logs``; ``--resume`` continues from the last checkpoint there. The tuner registers
-itself in the local zoo under ``--name`` (default: the output folder's name), so
-``finetune --tuner NAME`` finds it.
+Writes the tuner folder (config.json, model.safetensors, README.md) into --output, with the
+Lightning checkpoints in --output/checkpoints and CSV (and TensorBoard, when installed) logs in
+--output/logs. --resume continues from the last checkpoint there, refusing any change to the
+settings or data that decide the result; a finished run is only replaced with --overwrite. The
+tuner registers itself in the local zoo under --name (default: the output folder's name), so
+finetune --tuner NAME finds it.
 
-Data parallel: ``--strategy ddp --devices N`` (each rank meta-trains on its own minibatches; L+
-and L- are all-reduced, and DDP averages the gradients of the meta-step's two backward passes).
-On CPU this runs on the gloo backend: ``--accelerator cpu --devices 2 --strategy ddp``.
-Sharded: ``--strategy fsdp`` (FSDP2: each decoder layer's weights, gradients and momentum split
-over the ranks; ``--accelerator cpu`` works too). Large models (13B): see docs/distributed.md.
+Data parallel: --devices N (DDP; each rank meta-trains on its own share of the global batch,
+L+ and L- are all-reduced). On CPU: --accelerator cpu --devices 2 (gloo). Sharded: --strategy
+fsdp (FSDP2: each decoder layer's weights, gradients and momentum split over the ranks). Large
+models: see docs/distributed.md.
+
+Exit status: 0 done, 2 an error the one-line message explains, 130 interrupted (SIGINT or
+SIGTERM: the meta-step under way completes and is saved to checkpoints/last.ckpt).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import os
+import shutil
 import sys
 import time
-import warnings
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULTS = dict(
-    batch_size=8,
-    n_train=1000,
-    eps=1e-3,
-    lr_update=1e-6,
-    lr_tuner=0.1,
-    lr_model=0.01,
-    momentum=0.8,
-    reset_every=5,
-    max_epochs=15,
-)
+from llm.cli import UsageError, run_command
+from pretrain_tuner.config import PretrainConfig, Recipe, decisive_settings, parse
+from pretrain_tuner.output import check_output, check_zoo_name, replacing
+
+PROG = "pretrain-tuner"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pretrain-tuner",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    g = p.add_argument_group("what to train")
-    g.add_argument(
-        "--model",
-        required=True,
-        help="HF id, local folder, or built-in: tiny-llama, tiny-opt, smollm2-135m",
-    )
-    g.add_argument("--tasks", required=True, help="comma-separated task names or .jsonl/.csv files")
-    g.add_argument(
-        "--output", required=True, type=Path, help="folder for the tuner (and checkpoints/logs)"
-    )
-    g.add_argument(
-        "--name", help="local zoo name (default: the output folder's name); 'none' to skip"
-    )
-    g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the tuner to this Hub repo")
-    g.add_argument("--revision", help="base model revision to record in the tuner config")
-    g.add_argument("--trust-remote-code", action="store_true")
-    g = p.add_argument_group("meta-training recipe (defaults: ZO Fine-tuner, Llama-3.2-1B/COPA)")
-    g.add_argument(
-        "--max-steps", type=int, default=-1, help="stop after N meta-steps (-1: epochs decide)"
-    )
-    g.add_argument("--max-epochs", type=int, default=DEFAULTS["max_epochs"])
-    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    g.add_argument("--n-train", type=int, default=DEFAULTS["n_train"], help="examples per task")
-    g.add_argument(
-        "--mix", choices=["mixed", "alternating"], default="mixed", help="how tasks share batches"
-    )
-    g.add_argument("--eps", type=float, default=DEFAULTS["eps"])
-    g.add_argument(
-        "--lr-update", type=float, default=DEFAULTS["lr_update"], help="look-ahead ZO step size"
-    )
-    g.add_argument("--lr-tuner", type=float, default=DEFAULTS["lr_tuner"])
-    g.add_argument(
-        "--lr-model",
-        type=float,
-        default=DEFAULTS["lr_model"],
-        help="first-order inner lr of the LLM (0: frozen)",
-    )
-    g.add_argument("--momentum", type=float, default=DEFAULTS["momentum"])
-    g.add_argument(
-        "--reset-every",
-        type=int,
-        default=DEFAULTS["reset_every"],
-        help="reset the LLM every K epochs (0: never)",
-    )
-    g.add_argument(
-        "--feature-scaling", default="asinh", help="tuner feature transform (see l2l.tuner)"
-    )
-    g.add_argument("--no-normalize", action="store_true", help="disable the nf normalisation")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="tuner gradient-norm clip (0: off)")
-    g.add_argument("--max-length", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("hardware and engineering (Lightning)")
-    g.add_argument("--accelerator", default="auto")
-    g.add_argument("--devices", default="auto")
-    g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument(
-        "--strategy", default="auto", help="auto, ddp, fsdp (FSDP2), or a Lightning strategy name"
-    )
-    g.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32 on CPU")
-    g.add_argument("--dtype", default="float32", help="dtype the base model is loaded in")
-    g.add_argument(
-        "--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.ckpt"
-    )
-    g.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps")
-    g.add_argument(
-        "--log-every", type=int, default=1, help="log metrics (logs/metrics.csv) every N steps"
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
-    return p
+@dataclass
+class RunState:
+    """What a run has written so far: what an interrupt message may truthfully claim."""
 
+    output: Path | None = None
+    created: bool = False  # the run made the output folder (removed again if nothing is saved)
+    training: bool = False
+    tuner_written: bool = False
+    notes: list[str] = field(default_factory=list)
 
-def _keep_csv_rows(output: Path):
-    """A callback that, on --resume, keeps the logged rows of the steps before the checkpoint
-    (Lightning's CSVLogger deletes ``logs/metrics.csv`` when it starts)."""
-    import csv
+    @property
+    def checkpoint(self) -> Path | None:
+        return None if self.output is None else self.output / "checkpoints" / "last.ckpt"
 
-    from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import CSVLogger
+    def report(self) -> str:
+        """The line printed after an interrupt."""
+        from pretrain_tuner.checkpoint import saved_step
 
-    path = output / "logs" / "metrics.csv"
-    rows = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not")
-
-    class KeepCSVRows(Callback):
-        def on_train_start(self, trainer, pl_module) -> None:
-            keep = [r for r in rows if r.get("step", "").isdigit()]
-            keep = [r for r in keep if int(r["step"]) < trainer.global_step]
-            for logger in trainer.loggers:
-                if isinstance(logger, CSVLogger) and trainer.is_global_zero:
-                    old = [{k: v for k, v in r.items() if v != ""} for r in keep]
-                    logger.experiment.metrics[:0] = old
-
-    return KeepCSVRows()
-
-
-def _loggers(output: Path):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers = [CSVLogger(output / "logs", name="", version="")]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(output / "logs", name="tb", version=""))
-    return loggers
-
-
-def _quiet_lightning() -> None:
-    """Silence the Lightning warnings that do not apply to meta-training."""
-    # the checkpoint holds the state after the step, which is what --resume needs
-    warnings.filterwarnings(
-        "ignore", message=r"Using ModelCheckpoint with manual optimization", category=UserWarning
-    )
-    # the batches are a function of the global step (pretrain_tuner.data.StepBatches), so a
-    # mid-epoch resume continues them exactly; one process reads them (no worker duplicates)
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    # the base model is kept in eval mode on purpose (no dropout: losses must be deterministic)
-    warnings.filterwarnings(
-        "ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning
-    )
-
-
-def _strategy(name: str):
-    """``ddp`` -> DDP that tolerates the meta-step's two backward passes over disjoint params;
-    ``fsdp`` -> FSDP2 (``fully_shard``) through Lightning's ModelParallelStrategy."""
-    if name == "fsdp":
-        return _fsdp2()
-    if name.startswith(("fsdp", "deepspeed")):
-        raise ValueError(
-            f"--strategy {name} is not supported: use --strategy fsdp (FSDP2, every decoder "
-            "layer sharded over all ranks) or ddp; see docs/distributed.md"
+        if self.tuner_written:
+            return f"interrupted after the tuner was written to {self.output}"
+        step = saved_step(self.checkpoint) if self.checkpoint is not None else None
+        if step is None:
+            self.discard_empty_output()
+            return "interrupted before any meta-step was saved: nothing was written"
+        return (
+            f"interrupted: meta-step {step} is saved in {self.checkpoint}; continue with the "
+            "same command and --resume"
         )
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
 
-        # 1st backward (meta-loss) reaches only the base model, 2nd (surrogate) only the tuner;
-        # bucket views: no second copy of the model's gradients (matters for a 13B model)
-        return DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True)
-    return name
+    def discard_empty_output(self) -> None:
+        """Remove an output folder this run created when it holds no checkpoint (logs only)."""
+        if self.created and self.output is not None and self.output.exists():
+            from pretrain_tuner.checkpoint import saved_step
 
-
-def _fsdp2():
-    """Lightning's ModelParallelStrategy with one data-parallel dimension over every rank.
-
-    Lightning's ``FSDPStrategy`` wraps with FSDP1, which needs CUDA; FSDP2 runs on CPU (gloo) as
-    well, so the sharded meta-step is tested here with 2 CPU processes. ``MetaTunerModule
-    .configure_model`` does the sharding. Checkpoints are distributed (a folder, each rank
-    writing its shard).
-    """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    class FSDP2(ModelParallelStrategy):
-        def setup_environment(self) -> None:
-            self._data_parallel_size = self.num_nodes * self.num_processes
-            self._tensor_parallel_size = 1
-            super().setup_environment()
-
-        def load_checkpoint(self, checkpoint_path, weights_only=None):
-            # The tuner's SGD group has no momentum, so its parameters have no optimizer state,
-            # and torch's set_optimizer_state_dict refuses that unless strict=False, which
-            # Lightning does not pass. Loading stays strict where it matters: the distributed
-            # checkpoint load fails on any tensor (weight or momentum) missing from the folder.
-            import dataclasses
-
-            import torch.distributed.checkpoint.state_dict as dcp_state
-
-            strict = dcp_state.set_optimizer_state_dict
-
-            def lenient(model, optimizers, optim_state_dict, *, options=None):
-                options = dataclasses.replace(options or dcp_state.StateDictOptions(), strict=False)
-                return strict(model, optimizers, optim_state_dict, options=options)
-
-            dcp_state.set_optimizer_state_dict = lenient
-            try:
-                return super().load_checkpoint(checkpoint_path, weights_only)
-            finally:
-                dcp_state.set_optimizer_state_dict = strict
-
-    return FSDP2()
+            if saved_step(self.checkpoint) is None:
+                shutil.rmtree(self.output, ignore_errors=True)
 
 
-def _trainer(args, output: Path):
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-
-    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    if str(precision).startswith("16"):
-        raise ValueError(
-            f"--precision {precision} is not supported: the meta-gradient is "
-            "built from the model's gradients, which fp16 loss scaling would scale twice; use "
-            "bf16-mixed or 32-true"
-        )
-    _quiet_lightning()
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=output / "checkpoints",
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=args.checkpoint_every,
-            save_on_train_epoch_end=True,
-        ),
-    ]
-    if not args.no_progress:
-        callbacks.append(RichProgressBar())
-    if args.resume:
-        callbacks.append(_keep_csv_rows(output))
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    return L.Trainer(
-        accelerator=args.accelerator,
-        devices=devices,
-        num_nodes=args.num_nodes,
-        strategy=_strategy(args.strategy),
-        precision=precision,
-        max_steps=args.max_steps,
-        max_epochs=args.max_epochs,
-        logger=_loggers(output),
-        callbacks=callbacks,
-        log_every_n_steps=args.log_every,
-        enable_progress_bar=not args.no_progress,
-        default_root_dir=output,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
+def is_secondary_rank() -> bool:
+    """A process Lightning launched for another rank (it re-runs this command): rank 0 alone
+    checks and prepares the output folder and the zoo."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
-def recipe(args) -> dict:
-    keys = [
-        "tasks",
-        "mix",
-        "max_steps",
-        "max_epochs",
-        "batch_size",
-        "n_train",
-        "eps",
-        "lr_update",
-        "lr_tuner",
-        "lr_model",
-        "momentum",
-        "reset_every",
-        "feature_scaling",
-        "grad_clip",
-        "max_length",
-        "seed",
-        "dtype",
-        "precision",
-    ]
-    out = {k: getattr(args, k) for k in keys}
-    out["tasks"] = args.tasks.split(",")
-    out["normalize"] = not args.no_normalize
-    out["command"] = (
-        "pretrain-tuner " + " ".join(sys.argv[1:])
-        if sys.argv[0].endswith("pretrain-tuner")
-        else None
-    )
+def recipe(config: PretrainConfig, run_id: str, precision: str) -> dict:
+    """What the tuner's config.json records about how it was meta-trained."""
+    values = config.to_dict()
+    out = {"tasks": config.tasks}
+    out.update({f: values[f] for f in Recipe.__dataclass_fields__})
+    out.update(dtype=config.dtype, precision=precision, run_id=run_id)
+    out["command"] = f"{PROG} " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(PROG) else None
     return out
 
 
-def run(args) -> Path:
-    import lightning as L
-
+def _build(config: PretrainConfig):
+    """(module, tuner, data) for the run: the base model, a fresh tuner for its blocks and the
+    meta-training data (loaded now, so that a bad task fails before training)."""
     from l2l.blocks import ParamBlocks
     from l2l.tuner import Tuner
     from llm.ids import base_model_id
@@ -315,57 +103,127 @@ def run(args) -> Path:
     from pretrain_tuner.data import MetaDataModule
     from pretrain_tuner.module import MetaTunerModule
 
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    output = args.output.expanduser().resolve()
-    ckpt = output / "checkpoints" / "last.ckpt"
-    if args.resume and not ckpt.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
-    trainer = _trainer(args, output)  # checks the settings before the model loads
     model, tokenizer = load_model(
-        args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )
-    blocks = ParamBlocks.from_module(model)
     tuner = Tuner.for_blocks(
-        blocks,
-        base_model=base_model_id(args.model, model),
-        revision=args.revision,
+        ParamBlocks.from_module(model),
+        base_model=base_model_id(config.model, model),
+        revision=config.model_revision,
         model_type=getattr(model.config, "model_type", None),
-        eps=args.eps,
-        normalize=not args.no_normalize,
-        feature_scaling=args.feature_scaling,
-        recipe=recipe(args),
-        seed=args.seed,
+        eps=config.eps,
+        normalize=config.normalize,
+        feature_scaling=config.feature_scaling,
+        seed=config.seed,
     )
     module = MetaTunerModule(
         model,
         tuner,
-        eps=args.eps,
-        lr_update=args.lr_update,
-        lr_tuner=args.lr_tuner,
-        lr_model=args.lr_model,
-        momentum=args.momentum,
-        reset_every=args.reset_every,
-        normalize=not args.no_normalize,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
+        eps=config.eps,
+        lr_update=config.lr_update,
+        lr_tuner=config.lr_tuner,
+        lr_model=config.lr_model,
+        momentum=config.momentum,
+        reset_every=config.reset_every,
+        normalize=config.normalize,
+        grad_clip=config.grad_clip,
+        seed=config.seed,
     )
     data = MetaDataModule(
-        args.tasks.split(","),
+        config.tasks,
         tokenizer,
-        batch_size=args.batch_size,
-        n_train=args.n_train,
-        mix=args.mix,
-        seed=args.seed,
-        max_length=args.max_length,
+        batch_size=config.batch_size,
+        n_train=config.n_train,
+        mix=config.mix,
+        seed=config.seed,
+        max_length=config.max_length,
+        objective=config.objective,
     )
+    data.setup("fit")
+    return module, tuner, data
+
+
+def _manifest(config: PretrainConfig, tuner, data, run_id: str) -> dict:
+    from pretrain_tuner.checkpoint import batches_hash, run_manifest, tensors_hash
+    from pretrain_tuner.data import make_batches
+
+    batches = make_batches(data.tasks, config.batch_size, config.mix, config.seed)
+    settings = decisive_settings(config)
+    return run_manifest(settings, batches_hash(batches), tensors_hash(tuner), run_id)
+
+
+def _fit(trainer, module, data, config: PretrainConfig, stop, state: RunState) -> None:
+    """``trainer.fit``; an interrupt (handled by :class:`StopOnSignal`, or a second signal that
+    Lightning turns into ``sys.exit(1)``) comes out as ``KeyboardInterrupt``."""
+    ckpt = state.checkpoint
+    state.training = True
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if config.resume else None)
+    except SystemExit:
+        if stop.requested is None:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        stop.restore()
+        state.training = False
+    if stop.requested is not None:
+        raise KeyboardInterrupt
+
+
+def _lightning_errors() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (MisconfigurationException,)
+
+
+def run(config: PretrainConfig, state: RunState | None = None) -> Path:
+    """Meta-train as ``config`` says; returns the output folder (see the module docstring)."""
+    import lightning as L
+
+    from pretrain_tuner.checkpoint import MANIFEST_KEY, check_resume, read_checkpoint_meta
+    from pretrain_tuner.precision import default_precision
+    from pretrain_tuner.trainer import StopOnSignal, build_trainer
+
+    state = state or RunState()
+    output = state.output = config.output.expanduser().resolve()
+    ckpt = state.checkpoint
+    primary = not is_secondary_rank()
+    saved = read_checkpoint_meta(ckpt) if config.resume and ckpt.exists() else None
+    run_id = ((saved or {}).get(MANIFEST_KEY) or {}).get("run_id")
+    if primary:
+        check_output(config, output, ckpt)
+        check_zoo_name(config, output, run_id)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    stop = StopOnSignal(ckpt)
+    try:
+        trainer = build_trainer(config, output, stop)  # checks the hardware before the model loads
+    except _lightning_errors() as err:
+        raise UsageError(f"--accelerator/--devices/--strategy: {err}") from None
+    module, tuner, data = _build(config)
+    run_id = run_id or uuid.uuid4().hex
+    module.manifest = _manifest(config, tuner, data, run_id)
+    if config.resume:
+        check_resume(ckpt, saved, module.manifest, config.steps)
+    precision = config.precision
+    if precision == "auto":
+        precision = default_precision(config.accelerator)
+    tuner.config.recipe = recipe(config, run_id, precision)
+
+    state.created = primary and not output.exists()  # else never removed: it is a run
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if args.resume else None)
+    with replacing(output, ckpt, enabled=primary and config.overwrite):
+        _fit(trainer, module, data, config, stop, state)
     if trainer.global_rank != 0:
         return output
+    _write_tuner(trainer, module, tuner, output, time.perf_counter() - start)
+    state.tuner_written = True
+    _publish(config, output)
+    return output
+
+
+def _write_tuner(trainer, module, tuner, output: Path, seconds: float) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    tuner.config.metrics = dict(
-        metrics, steps=trainer.global_step, wall_time_s=round(time.perf_counter() - start, 1)
-    )
+    tuner.config.metrics = dict(metrics, steps=trainer.global_step, wall_time_s=round(seconds, 1))
     if trainer.world_size > 1:
         tuner.config.metrics.update(
             world_size=trainer.world_size,
@@ -373,35 +231,46 @@ def run(args) -> Path:
             sharded=module.sharded,
         )
     tuner.save_pretrained(output)
-    _publish(args, output, tuner)
-    return output
 
 
-def _publish(args, output: Path, tuner) -> None:
+def _publish(config: PretrainConfig, output: Path) -> None:
     from rich.console import Console
 
-    console = Console(stderr=True)
-    console.print(f"[green]tuner written to {output}[/green] ({tuner.num_blocks} blocks)")
-    name = args.name or output.name
-    if name.lower() != "none":
-        from tuner_zoo.resolve import register_local
+    from tuner_zoo.resolve import register_local, zoo_name
 
-        where = register_local(name, output)
+    console = Console(stderr=True)
+    console.print(f"[green]tuner written to {output}[/green]")
+    name = zoo_name(config.name, output)
+    if name is not None:
+        where = register_local(name, output, overwrite=True)  # checked before training
         console.print(f"registered in the local zoo as [bold]{name}[/bold] ({where})")
-    if args.push_to_hub:
-        url = tuner.push_to_hub(args.push_to_hub)
+    if config.push_to_hub:
+        from tuner_zoo.publish import push_folder
+
+        try:
+            url = push_folder(output, config.push_to_hub)
+        except OSError as err:
+            raise OSError(
+                f"{err}. The tuner is saved in {output}; upload it later with: tuner-zoo push "
+                f"{output} {config.push_to_hub}"
+            ) from None
         console.print(f"pushed to the Hub: {url}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 done, 2 an error the message explains."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"pretrain-tuner: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Exit status: 0 done, 2 a user error (one line), 130 interrupted."""
+    state = RunState()
+
+    def body() -> int:
+        config = parse(argv, description=__doc__)
+        try:
+            run(config, state)
+        except Exception:
+            state.discard_empty_output()
+            raise
+        return 0
+
+    return run_command(PROG, body, on_interrupt=state.report)
 
 
 if __name__ == "__main__":

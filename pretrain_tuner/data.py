@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from l2l.z import mix_seed
-from llm.tasks import Example, Task, load_task, loss_batch
+from llm.tasks import Example, Task, load_task, objective_batch, resolve_objective
+from llm.tasks.objective import DIFFERENTIABLE
 
 MIXES = ("mixed", "alternating")
 
@@ -100,7 +101,11 @@ def make_batches(
 
 
 class MetaDataModule(L.LightningDataModule):
-    """Training minibatches for meta-training, from the task registry (names or local files)."""
+    """Training minibatches for meta-training, from the task registry (names or local files).
+
+    Each batch is an :data:`llm.tasks.ObjectiveBatch` for ``objective`` (``auto``: the tasks'
+    default, resolved in :meth:`setup`); the meta-step needs a differentiable one.
+    """
 
     def __init__(
         self,
@@ -111,14 +116,21 @@ class MetaDataModule(L.LightningDataModule):
         mix: str = "mixed",
         seed: int = 0,
         max_length: int = 256,
+        objective: str = "auto",
     ) -> None:
         super().__init__()
         if not tasks:
-            raise ValueError("meta-training needs at least one task (--tasks T1,T2)")
+            raise ValueError("meta-training needs at least one task (--task T, or --task [T1,T2])")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        if objective not in ("auto", *DIFFERENTIABLE):
+            raise ValueError(
+                f"objective {objective!r} cannot train a tuner: the meta-step backpropagates "
+                f"through the loss; use auto or one of {', '.join(DIFFERENTIABLE)}"
+            )
+        self.objective = objective
         self.task_names = list(tasks)
         self.tokenizer = tokenizer
         self.batch_size, self.n_train, self.mix = batch_size, n_train, mix
@@ -131,10 +143,11 @@ class MetaDataModule(L.LightningDataModule):
                 load_task(name, seed=self.seed, n_train=self.n_train, n_dev=1, n_test=1)
                 for name in self.task_names
             ]
+            self.objective = resolve_objective(self.objective, self.tasks)
 
     def _collate(self, batch: list[list[Example]]):
         (examples,) = batch
-        return loss_batch(examples, self.tokenizer, max_length=self.max_length)
+        return objective_batch(examples, self.tokenizer, self.objective, self.max_length)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

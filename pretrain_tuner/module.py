@@ -32,6 +32,9 @@ from l2l.blocks import ParamBlocks
 from l2l.meta import MetaState, advance_state, meta_step
 from l2l.shards import is_sharded, local_rows
 from l2l.z import mix_seed
+from llm.tasks import objective_loss
+from pretrain_tuner.checkpoint import MANIFEST_KEY
+from pretrain_tuner.precision import Float32Tuner
 
 
 class MetaTunerModule(L.LightningModule):
@@ -64,6 +67,7 @@ class MetaTunerModule(L.LightningModule):
         self._initial: list[torch.Tensor] | None = None  # theta_0, taken by configure_model
         self.meta_state = MetaState()
         self.replicas_match: bool | None = None  # set after data-parallel training
+        self.manifest: dict | None = None  # what decides the result, saved in every checkpoint
 
     def _snapshot(self) -> list[torch.Tensor]:
         """theta_0 for the periodic resets: the rows of every block held here, on the CPU."""
@@ -101,7 +105,7 @@ class MetaTunerModule(L.LightningModule):
         return torch.optim.SGD(groups, lr=hp.lr_tuner)
 
     def _loss(self, batch):
-        loss = self.model(**batch).loss
+        loss = objective_loss(self.model, batch)  # an llm.tasks.ObjectiveBatch
         if self.sharded and not torch.is_grad_enabled():
             # FSDP2 keeps the root's weights (embeddings, final norm, head) gathered after a
             # forward, expecting a backward; the meta-step shifts the shards in place next
@@ -121,7 +125,7 @@ class MetaTunerModule(L.LightningModule):
         out = meta_step(
             self.model,
             self.blocks,
-            self.tuner,
+            Float32Tuner(self.tuner),  # float32 and outside autocast whatever the precision
             lambda: self._loss(batch),
             self.meta_state,
             seed=mix_seed(hp.seed, self.global_step),
@@ -189,6 +193,8 @@ class MetaTunerModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.manifest is not None:
+            checkpoint[MANIFEST_KEY] = self.manifest
         s = self.meta_state
         checkpoint["meta_state"] = dict(
             loss_plus=s.loss_plus, loss_minus=s.loss_minus, sigma=s.sigma

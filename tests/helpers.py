@@ -74,3 +74,38 @@ def isolated_home(folder: Path) -> Path:
         if not link.exists():
             link.symlink_to(ASSET_HOME / name, target_is_directory=True)
     return folder
+
+
+# --------------------------------------------------------------------------- finetune runs
+
+
+def write_classification_task(path: Path, n: int = 60, labels: tuple[str, ...] = ("bad", "good")):
+    """A classification task as JSONL (text/label columns), the labels taking turns."""
+    import json
+
+    words = {"good": "great fun", "bad": "a dull mess"}
+    with path.open("w") as f:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            text = f"Review {i}: it was {words.get(label, label)}."
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+def finetune_argv(task: Path | str, out: Path, *extra: str, steps: int = 3) -> list[str]:
+    """``finetune`` flags for a seconds-long CPU run on a tiny model (``extra`` adds the model)."""
+    return [
+        "--task", str(task),
+        "--output", str(out),
+        "--steps", str(steps),
+        "--batch_size", "4",
+        "--n_train", "32",
+        "--n_dev", "4",
+        "--n_test", "6",
+        "--eval_examples", "4",
+        "--lr", "1e-3",
+        "--checkpoint_every", "2",
+        "--accelerator", "cpu",
+        "--no_progress",
+        *extra,
+    ]  # fmt: skip

@@ -1,18 +1,37 @@
-"""``tuner-zoo``: list, inspect, download, register, import and publish learned ZO tuners."""
+"""``tuner-zoo``: list, inspect, download, register, import and publish learned ZO tuners.
+
+    tuner-zoo list
+    tuner-zoo info smollm2-135m
+    tuner-zoo download opt-13b --tuner_revision v1
+    tuner-zoo register my-tuner runs/tuner --overwrite
+    tuner-zoo push runs/tuner me/my-tuner
+    tuner-zoo import-pth llama1B_finetuner.pth --model meta-llama/Llama-3.2-1B --output out
+
+Each subcommand's settings are a dataclass below whose field docstrings are its --help.
+Exit status: 0 done, 2 an error the one-line message explains, 130 interrupted.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
-from l2l.tuner import TunerConfig, TunerFormatError, TunerMismatchError, TunerNotFoundError
-from tuner_zoo.import_pth import ReleaseFormatError
+from l2l.tuner import TunerConfig
+from llm.cli import (
+    HelpFormatter,
+    UsageError,
+    add_dataclass_flags,
+    dataclass_from,
+    parse_flags,
+    run_command,
+)
 from tuner_zoo.registry import get_entry, load_registry
 from tuner_zoo.resolve import (
     is_cached,
@@ -24,15 +43,79 @@ from tuner_zoo.resolve import (
     zoo_dir,
 )
 
-EXPECTED_ERRORS = (
-    TunerNotFoundError,
-    TunerFormatError,
-    TunerMismatchError,
-    ReleaseFormatError,
-    FileExistsError,
-    FileNotFoundError,
-    ValueError,
-)
+PROG = "tuner-zoo"
+
+
+@dataclass(kw_only=True)
+class ListTuners:
+    """All known tuners, where they live, downloaded or not."""
+
+
+@dataclass(kw_only=True)
+class Info:
+    """The registry entry and config of one tuner."""
+
+    name: str
+    """registry or local-zoo name"""
+
+
+@dataclass(kw_only=True)
+class Download:
+    """Fetch a tuner from the Hub into the Hugging Face cache."""
+
+    name: str
+    """registry name or Hub repo id (owner/name)"""
+    tuner_revision: str | None = None
+    """branch, tag or commit of the tuner's repo; none: main"""
+    force_download: bool = False
+    """download again even if it is cached"""
+
+
+@dataclass(kw_only=True)
+class Register:
+    """Add a tuner folder to the local zoo under NAME."""
+
+    name: str
+    """name to resolve it by, e.g. my-opt-tuner"""
+    folder: Path
+    """tuner folder, e.g. one written by pretrain-tuner"""
+    link: bool = False
+    """symlink the folder instead of copying it"""
+    overwrite: bool = False
+    """replace an existing entry of that name"""
+
+
+@dataclass(kw_only=True)
+class Push:
+    """Validate a tuner folder and upload it to the Hub."""
+
+    folder: Path
+    """tuner folder"""
+    repo_id: str
+    """target repo, owner/name (created if missing)"""
+    private: bool = False
+    """create the repo as private"""
+    branch: str | None = None
+    """target branch; none: main"""
+
+
+@dataclass(kw_only=True)
+class ImportPth:
+    """Convert a ZO Fine-tuner release .pth (safely: no pickle code runs)."""
+
+    file: Path
+    """the released .pth, e.g. llama1B_finetuner.pth"""
+    model: str
+    """Hub id of the base model it was trained for"""
+    output: Path
+    """folder to write the tuner to"""
+    model_config: str | None = None
+    """config.json, model folder or Hub id giving the block shapes; none: --model, from the
+    Hugging Face cache or the Hub"""
+    model_revision: str | None = None
+    """revision of the base model to record in the tuner's config"""
+    register: str | None = None
+    """also register it in the local zoo under this name"""
 
 
 def _where(name: str) -> tuple[str, str]:
@@ -50,7 +133,7 @@ def _where(name: str) -> tuple[str, str]:
     return "-", "-"
 
 
-def cmd_list(args: argparse.Namespace, console: Console) -> int:
+def cmd_list(args: ListTuners, console: Console) -> None:
     table = Table(title="learned ZO tuners", show_lines=False)
     table.add_column("name", no_wrap=True)
     table.add_column("base model", overflow="fold")
@@ -66,10 +149,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             config = TunerConfig.load(zoo_dir() / name / "config.json")
             table.add_row(name, config.base_model, "local", _where(name)[0], "local")
     console.print(table)
-    return 0
 
 
-def cmd_info(args: argparse.Namespace, console: Console) -> int:
+def cmd_info(args: Info, console: Console) -> None:
     entry = get_entry(args.name)
     location = locate(args.name)
     info: dict[str, object] = {"name": args.name, "location": location.kind}
@@ -86,105 +168,99 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     elif entry is None:
         raise unknown_tuner_error(args.name)
     console.print_json(json.dumps(info, default=str))
-    return 0
 
 
-def cmd_download(args: argparse.Namespace, console: Console) -> int:
+def cmd_download(args: Download, console: Console) -> None:
     folder = resolve_tuner(
-        args.name, offline=False, revision=args.revision, force_download=args.force
+        args.name,
+        offline=False,
+        revision=args.tuner_revision,
+        force_download=args.force_download,
     )
     console.print(f"{args.name}: {folder}")
-    return 0
 
 
-def cmd_register(args: argparse.Namespace, console: Console) -> int:
-    target = register_local(args.name, args.folder, link=args.link, overwrite=args.force)
+def _register(name: str, folder: Path, *, link: bool = False, overwrite: bool = False) -> Path:
+    try:
+        return register_local(name, folder, link=link, overwrite=overwrite)
+    except FileExistsError:
+        raise UsageError(
+            f"the local zoo already has a tuner called {name!r} ({zoo_dir() / name}): pass "
+            "--overwrite to replace it, or choose another name"
+        ) from None
+
+
+def cmd_register(args: Register, console: Console) -> None:
+    target = _register(args.name, args.folder, link=args.link, overwrite=args.overwrite)
     console.print(f"registered {args.name!r} at {target}")
-    return 0
 
 
-def cmd_push(args: argparse.Namespace, console: Console) -> int:
+def cmd_push(args: Push, console: Console) -> None:
     from tuner_zoo.publish import push_folder
 
     url = push_folder(args.folder, args.repo_id, private=args.private or None, branch=args.branch)
     console.print(f"pushed {args.folder} to {args.repo_id}: {url}")
-    return 0
 
 
-def cmd_import_pth(args: argparse.Namespace, console: Console) -> int:
+def cmd_import_pth(args: ImportPth, console: Console) -> None:
     from tuner_zoo.import_pth import blocks_for_model, convert_release
 
-    blocks, model_type = blocks_for_model(args.model_config or args.base_model)
+    taken = zoo_dir() / args.register if args.register else None
+    if taken is not None and (taken.exists() or taken.is_symlink()):
+        raise UsageError(
+            f"--register {args.register}: the local zoo already has a tuner of that name "
+            f"({taken}); choose another name, or replace it afterwards with tuner-zoo register "
+            f"{args.register} {args.output} --overwrite"
+        )
+    blocks, model_type = blocks_for_model(args.model_config or args.model)
     tuner = convert_release(
-        args.file, blocks, args.base_model, revision=args.revision, model_type=model_type
+        args.file, blocks, args.model, revision=args.model_revision, model_type=model_type
     )
     tuner.save_pretrained(args.output)
     console.print(f"converted {args.file} ({tuner.num_blocks} blocks) to {args.output}")
     if args.register:
-        console.print(
-            f"registered as {args.register!r} at {register_local(args.register, args.output)}"
-        )
-    return 0
+        where = _register(args.register, args.output)
+        console.print(f"registered as {args.register!r} at {where}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tuner-zoo",
-        description="Find, download, register, import and publish learned zeroth-order tuners "
-        "(one per base LLM). A tuner is a folder: config.json + model.safetensors + README.md.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="all known tuners, where they live, downloaded or not")
-    info = sub.add_parser("info", help="registry entry and config of one tuner")
-    info.add_argument("name", help="registry or local-zoo name")
-    download = sub.add_parser("download", help="fetch a tuner from the Hub into the HF cache")
-    download.add_argument("name", help="registry name or Hub repo id (owner/name)")
-    download.add_argument("--revision", help="branch, tag or commit (default: main)")
-    download.add_argument("--force", action="store_true", help="re-download even if cached")
-    register = sub.add_parser("register", help="add a tuner folder to the local zoo under NAME")
-    register.add_argument("name", help="name to resolve it by, e.g. my-opt-tuner")
-    register.add_argument("folder", type=Path, help="folder written by pretrain-tuner")
-    register.add_argument("--link", action="store_true", help="symlink instead of copying")
-    register.add_argument("--force", action="store_true", help="replace an existing entry")
-    push = sub.add_parser("push", help="validate a tuner folder and upload it to the Hub")
-    push.add_argument("folder", type=Path, help="tuner folder")
-    push.add_argument("repo_id", help="target repo, owner/name (created if missing)")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--branch", help="target branch (default: main)")
-    imp = sub.add_parser(
-        "import-pth", help="convert a ZO Fine-tuner release .pth (safely, no pickle code runs)"
-    )
-    imp.add_argument("file", type=Path, help="the released .pth, e.g. llama1B_finetuner.pth")
-    imp.add_argument("--base-model", required=True, help="Hub id of the model it was trained for")
-    imp.add_argument("--output", required=True, type=Path, help="folder to write the tuner to")
-    imp.add_argument(
-        "--model-config",
-        help="config.json, model folder or Hub id giving the block shapes "
-        "(default: --base-model, from the HF cache or the Hub)",
-    )
-    imp.add_argument("--revision", help="revision of the base model to record")
-    imp.add_argument("--register", metavar="NAME", help="also register it in the local zoo")
-    return parser
-
-
-COMMANDS = {
-    "list": cmd_list,
-    "info": cmd_info,
-    "download": cmd_download,
-    "register": cmd_register,
-    "push": cmd_push,
-    "import-pth": cmd_import_pth,
+COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...]]] = {
+    "list": (ListTuners, cmd_list, ()),
+    "info": (Info, cmd_info, ("name",)),
+    "download": (Download, cmd_download, ("name",)),
+    "register": (Register, cmd_register, ("name", "folder")),
+    "push": (Push, cmd_push, ("folder", "repo_id")),
+    "import-pth": (ImportPth, cmd_import_pth, ("file",)),
 }
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Find, download, register, import and publish learned zeroth-order tuners "
+        "(one per base LLM). A tuner is a folder: config.json + model.safetensors + README.md.",
+        exit_on_error=False,
+        formatter_class=HelpFormatter,
+    )
+    subcommands = parser.add_subcommands(required=True, dest="command")
+    for name, (settings, _, positional) in COMMANDS.items():
+        summary = settings.__doc__.strip().splitlines()[0]
+        sub = ArgumentParser(
+            description=summary, exit_on_error=False, formatter_class=HelpFormatter
+        )
+        add_dataclass_flags(sub, settings, positional=positional, group=False)
+        subcommands.add_subcommand(name, sub, help=summary)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console(soft_wrap=True)
-    try:
-        return COMMANDS[args.command](args, console)
-    except EXPECTED_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    """Exit status: 0 done, 2 a user error (one line), 130 interrupted."""
+
+    def body() -> None:
+        namespace = parse_flags(build_parser(), argv)
+        settings, command, _ = COMMANDS[namespace.command]
+        command(dataclass_from(settings, namespace[namespace.command]), Console(soft_wrap=True))
+
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError
 
 from l2l.tuner import ARTIFACT_FILES, CARD_NAME, Tuner, render_model_card
 
@@ -27,6 +29,33 @@ def push_folder(
     """
     folder = Path(folder)
     tuner = Tuner.load_folder(folder)  # raises TunerFormatError naming the bad file
+    try:
+        return _upload(folder, tuner, repo_id, private, branch, commit_message, token)
+    except _hub_errors() as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PushError(
+            f"could not push {folder} to {repo_id} on {constants.ENDPOINT}: {reason}; check the "
+            "network, HF_ENDPOINT and your token (HF_TOKEN or hf auth login)"
+        ) from None
+
+
+class PushError(OSError):
+    """The Hub could not be reached, or refused the upload."""
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises for a network failure or a refused request: its HTTP error,
+    OSError, and its HTTP library's transport errors (``httpx`` or ``httpx2``)."""
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _upload(folder, tuner, repo_id, private, branch, commit_message, token) -> str:
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     message = commit_message or f"Upload l2l tuner for {tuner.config.base_model}"

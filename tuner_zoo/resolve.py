@@ -51,6 +51,7 @@ CLI_HINT = (
     "{repo_id}` caches one while online, and " + TRAIN_HINT
 )
 
+
 def zoo_dir() -> Path:
     """The user's local zoo: ``$L2L_HOME/zoo`` or ``~/.cache/l2l/zoo``."""
     return l2l_home() / "zoo"
@@ -189,6 +190,13 @@ def resolve_tuner(
         raise TunerNotFoundError(f"{err}. {CLI_HINT.format(repo_id=repo_id)}") from err
 
 
+def zoo_name(name: str | None, folder: Path) -> str | None:
+    """The local-zoo name a trained tuner registers under: ``name``, else the folder's name;
+    None for ``"none"`` (do not register)."""
+    name = name or Path(folder).name
+    return None if name.lower() == "none" else name
+
+
 def _local_folder(name: str) -> Path | None:
     """The local-zoo folder of ``name``, else its bundled folder, else ``None``."""
     if not _NAME.match(name):
@@ -212,9 +220,7 @@ def register_local(
     target = zoo_dir() / name
     if target.exists() or target.is_symlink():
         if not overwrite:
-            raise FileExistsError(
-                f"{target} already exists: pass overwrite=True (`--force`) to replace it"
-            )
+            raise FileExistsError(f"{target} already exists: pass overwrite=True to replace it")
         _remove(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if link:

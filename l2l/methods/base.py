@@ -24,8 +24,9 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, is_no_decay
 from l2l.perturb import Perturber
+from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key
 from l2l.scales import block_features, normalisation
-from l2l.z import chunk_view, mix_seed, row_chunks
+from l2l.z import chunk_start, chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
 LossReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -90,6 +91,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         record: keep a :class:`StepRecord` per step in ``self.records`` (see ``l2l.trajectory``).
         loss_reduce: optional function applied to the stacked losses before use (data parallel:
             an all-reduce mean across ranks).
+        rounding: how a float32 update is stored into bfloat16/float16 parameters (and how
+            HiZOO's float64 curvature EMA is stored into its float32 state): ``"stochastic"``
+            (unbiased, bits from the step seed; see :mod:`l2l.rounding`) or ``"nearest"``, which
+            loses most of an update smaller than half the weights' spacing. float32/float64
+            parameters are updated in place either way.
     """
 
     forwards_per_step = 2
@@ -107,6 +113,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
         record: bool = False,
         loss_reduce: LossReduce | None = None,
+        rounding: str = "stochastic",
         **defaults: Any,
     ) -> None:
         if lr < 0:
@@ -117,6 +124,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        check_rounding(rounding)
         if isinstance(params, nn.Module):
             self.blocks = ParamBlocks.from_module(params)
             model = params
@@ -129,7 +137,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.blocks = ParamBlocks.from_params(params)
             model = None
         super().__init__(
-            self.blocks.params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **defaults)
+            self.blocks.params,
+            dict(lr=lr, eps=eps, weight_decay=weight_decay, rounding=rounding, **defaults),
         )
         self.perturber = Perturber(self.blocks, model)
         self.block_scale = block_scale
@@ -183,6 +192,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a saved state without the option
+            group.setdefault("rounding", self.defaults["rounding"])
         if zo is not None:
             self.load_zo_state(zo)
 
@@ -295,6 +306,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _update(self, record: StepRecord, direction, coeffs: list[float], factors=None) -> None:
         """theta_b <- (1 - lr lambda) theta_b - coeffs[b] d_b, chunk by chunk, in float32.
 
+        float32/float64 parameters are updated in place; a half-precision chunk is computed in
+        float32 and rounded into the parameter as ``rounding`` says, with the bits of
+        ``(record.seed, b, SALT_UPDATE)``, so a replay rounds exactly as the run did.
+
         ``factors(b, c)``, when given and not None, returns ``(A, B)`` with chunk ``c`` of ``d_b``
         equal to ``A B^T``; the update is then one fused ``addmm_`` (no materialised ``d_b``).
         Blocks whose coefficient and decay are both zero are not touched at all, so lr = 0 leaves
@@ -307,7 +322,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             for c, (r0, r1) in enumerate(row_chunks(p.shape)):
                 view = chunk_view(p.data, r0, r1)
-                # float32/float64 parameters are updated in place; half precision via float32
                 new = view if view.dtype in (torch.float32, torch.float64) else view.float()
                 if decay:
                     new.mul_(1.0 - decay)
@@ -318,4 +332,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 elif coeff:
                     new.add_(direction(b, c), alpha=-coeff)
                 if new.data_ptr() != view.data_ptr():
-                    view.copy_(new)
+                    key = rounding_key(record.seed, b, SALT_UPDATE)
+                    start = chunk_start(p.shape, c)
+                    round_into(view, new, key, start=start, rounding=self.group["rounding"])

@@ -2,7 +2,9 @@
 Zeroth-Order Optimizer", ICLR 2025).
 
 State: ``H = Sigma^{-1}``, a diagonal inverse-covariance (curvature) estimate, one float32 tensor
-per parameter whatever the model dtype, ``H_0 = 1``. Each step takes 3 forwards:
+per parameter whatever the model dtype, ``H_0 = 1``. The EMA is computed in float64 and rounded
+stochastically into H (``rounding="stochastic"``), so that even ``alpha = 1e-8`` moves H in
+expectation (rounded to nearest, ``H (1 - 1e-8)`` is H again). Each step takes 3 forwards:
     L0 = L(theta),  L+- = L(theta +- mu u),  u = Sigma^{1/2} z = z / sqrt(H)   (times nf sigma_b)
     g = (L+ - L-) / (2 mu);            theta <- theta - eta (g u + lambda theta)
     H <- (1 - alpha) H + alpha |h_hat|,   h_hat = (L+ + L- - 2 L0) / (2 mu^2) * H (z^2 - 1) / s^2
@@ -21,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
-from l2l.z import chunk_view, param_chunk_z, row_chunks
+from l2l.rounding import SALT_HESSIAN, round_into, rounding_key
+from l2l.z import chunk_start, chunk_view, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12
@@ -92,9 +95,17 @@ class HiZOO(ZOOptimizer):
         if alpha == 0.0:
             return
         mu, dl = self.group["eps"], record.extra["delta_loss"]
+        rounding = self.group["rounding"]
         for b, p in enumerate(self.blocks.params):
             s = 1.0 if record.scales is None else record.scales[b]
             for c in range(len(row_chunks(p.shape))):
                 h = self._hessian(b, c)
-                est = hessian_diag_estimate(dl, self._z(record.seed, b, c), h, mu, s)
-                h.mul_(1.0 - alpha).add_(est.abs_(), alpha=alpha).clamp_(min=_H_FLOOR)
+                est = hessian_diag_estimate(dl, self._z(record.seed, b, c), h, mu, s).abs_()
+                if rounding == "nearest":
+                    h.mul_(1.0 - alpha).add_(est, alpha=alpha).clamp_(min=_H_FLOOR)
+                    continue
+                # in float64, rounded stochastically into float32: a step alpha |h_hat - H| far
+                # below H's spacing (alpha = 1e-8 against 6e-8 at H = 1) moves H in expectation
+                h64 = h.double().mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
+                key = rounding_key(record.seed, b, SALT_HESSIAN)
+                round_into(h, h64.clamp_(min=_H_FLOOR), key, start=chunk_start(p.shape, c))

@@ -77,7 +77,8 @@ class LOZO(ZOOptimizer):
         r0, r1 = row_chunks(p.shape)[chunk]
         if not self._is_matrix(block):
             return param_chunk_z(seed, block, chunk, p)
-        return gaussian_chunk(seed, block, chunk, (r1 - r0, self.group["rank"]), p.device)
+        rank = self.group["rank"]
+        return gaussian_chunk(seed, block, chunk, (r1 - r0, rank), p.device, start=r0 * rank)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         u = self._u(ctx.seed, block, chunk)

@@ -4,6 +4,10 @@ Continuations are appended verbatim to the prompt, so templates put the separati
 start of the continuation (``" great"``), which keeps BPE tokenisation of ``prompt`` followed
 by ``continuation`` the same as tokenising them one after the other.
 
+Every task also names its training objective (``Task.objective``: what ``--objective auto``
+means for it, see :mod:`llm.tasks.objective`) and the token length its examples need
+(``Task.max_length``: :data:`DEFAULT_MAX_LENGTH`, or :data:`LONG_MAX_LENGTH` for long passages).
+
 Sampling (MeZO: 1000 train / 500 dev / 1000 test per task):
 
 * train and dev are drawn with ``seed`` from one training pool, so different seeds see
@@ -20,9 +24,12 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 Kind = Literal["classification", "generation"]
+Objective = Literal["classification", "lm", "accuracy"]
 SPLITS = ("train", "dev", "test")
 TEST_SEED = 0
 ANSWER_END = "\n"  # generation targets end with a newline; decoding stops there
+DEFAULT_MAX_LENGTH = 256  # tokens per sequence: room for a sentence or a short passage
+LONG_MAX_LENGTH = 2048  # MeZO's max length, for the long-passage tasks
 T = TypeVar("T")
 
 
@@ -34,7 +41,9 @@ class TaskError(ValueError):
 class Example:
     """One prompt with either candidate continuations (classification) or a target answer.
 
-    Classification: ``candidates`` are the continuations and ``answer`` the gold index.
+    Classification: ``candidates`` are the continuations, ``answer`` the gold index (the target
+    of the ``lm`` objective) and ``references`` the candidates that count as correct (defaults
+    to the gold candidate; ReCoRD accepts every entity that is a gold answer).
     Generation: ``candidates`` is None, ``answer`` the target continuation used for training
     and ``references`` every acceptable answer for the metric (defaults to ``[answer]``).
     """
@@ -56,6 +65,14 @@ class Example:
                     f"answer index {self.answer} is out of range for {len(self.candidates)} "
                     f"candidates {self.candidates!r}"
                 )
+            self.references = self.references or [self.candidates[self.answer]]
+            stray = [r for r in self.references if r not in self.candidates]
+            if stray or self.candidates[self.answer] not in self.references:
+                raise TaskError(
+                    f"the references {self.references!r} of a classification example must be "
+                    f"candidates and include the gold one {self.candidates[self.answer]!r}; "
+                    f"the candidates are {self.candidates!r}"
+                )
         elif not isinstance(self.answer, str):
             raise TaskError(f"a generation example needs a str answer, got {self.answer!r}")
         elif not self.references:
@@ -64,6 +81,11 @@ class Example:
     @property
     def kind(self) -> Kind:
         return "generation" if self.candidates is None else "classification"
+
+    @property
+    def correct(self) -> list[int]:
+        """Classification: the indices of the candidates that count as a right prediction."""
+        return [i for i, c in enumerate(self.candidates or []) if c in self.references]
 
     @property
     def target(self) -> str:
@@ -75,7 +97,12 @@ class Example:
 
 @dataclass
 class Task:
-    """A named task with its three splits; ``metric`` is a key of ``evaluate()``'s result."""
+    """A named task with its three splits; ``metric`` is a key of ``evaluate()``'s result.
+
+    ``objective`` is the training objective ``auto`` picks for the task (the default:
+    ``classification`` for classification tasks, ``lm`` for generation tasks); ``max_length``
+    the sequence length (tokens) its examples need, which a run uses unless told otherwise.
+    """
 
     name: str
     kind: Kind
@@ -84,6 +111,12 @@ class Task:
     test: list[Example]
     metric: str
     description: str = ""
+    objective: Objective | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = "classification" if self.kind == "classification" else "lm"
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)
@@ -109,16 +142,17 @@ def subsample(items: Sequence[T], n: int, rng: random.Random) -> list[T]:
 
 
 def train_dev_from_pool(
-    pool: Sequence[T], n_train: int, n_dev: int, seed: int
+    pool: Sequence[T], n_train: int, n_dev: int, seed: int, small_dev: int | None = None
 ) -> tuple[list[T], list[T]]:
     """MeZO's rule: draw train and dev, disjoint, from one pool with ``seed``.
 
     When the pool is smaller than ``n_train + n_dev`` (CB has 250 training rows, COPA 400),
-    dev gets ``min(n_dev, len(pool) // 4)`` examples and train the rest (at most ``n_train``).
+    dev gets ``min(n_dev, small_dev)`` examples (``small_dev`` defaults to ``len(pool) // 4``;
+    MeZO's scripts use 100 for CB and COPA) and train the rest (at most ``n_train``).
     """
     items = subsample(pool, n_train + n_dev, random.Random(f"{seed}:train"))
     if len(items) < n_train + n_dev:
-        n_dev = min(n_dev, len(items) // 4)
+        n_dev = min(n_dev, len(items) // 4 if small_dev is None else small_dev)
     return items[n_dev : n_dev + n_train], items[:n_dev]
 
 

@@ -1,16 +1,21 @@
-"""Training batches, batched evaluation and the SQuAD answer metrics.
+"""Training batches, candidate scores, batched evaluation and the SQuAD answer metrics.
 
-Training loss (as MeZO trains): the mean token negative log-likelihood of the gold
+LM loss (the ``lm`` objective): the mean token negative log-likelihood of the gold
 continuation given the prompt. :func:`loss_batch` builds right-padded ``input_ids``,
 ``attention_mask`` and ``labels`` in the Hugging Face convention (``labels`` aligned with
 ``input_ids``, the model shifts them; -100 everywhere except the gold continuation tokens), so
 ``model(**batch).loss`` is that mean over all gold tokens of the batch. Generation targets are
 followed by :data:`ANSWER_END` so that the model learns where an answer stops.
 
-Evaluation: classification scores every candidate by the mean log-probability of its tokens
-given the prompt and predicts the argmax; all candidates of a batch of examples go through
-one forward pass, and only the logits of the continuation positions are projected onto the
-vocabulary when the model supports ``logits_to_keep``. Generation decodes greedily (left
+Candidate scores: the mean log-probability of a candidate's tokens given the prompt.
+:func:`encode_candidates` tokenizes a batch of examples into a :class:`ScoreBatch` and
+:func:`mean_logprobs` computes every candidate's score in one forward pass (differentiable, so
+the ``classification`` objective of :mod:`llm.tasks.objective` trains on the very scores that
+evaluation argmaxes); only the logits of the continuation positions are projected onto the
+vocabulary when the model supports ``logits_to_keep``.
+
+Evaluation: classification predicts the highest-scoring candidate (right when it is one of
+the example's ``correct`` candidates). Generation decodes greedily (left
 padded) until a newline or ``max_new_tokens`` and reports SQuAD token F1 and exact match
 against the best-matching reference.
 """
@@ -22,6 +27,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -122,38 +128,105 @@ def loss_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- candidate scores
 
 
-def _chunks(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+@dataclass
+class ScoreBatch:
+    """Token rows and the picks whose log-probabilities make up each candidate's score.
+
+    Pick ``j`` reads ``log p(tokens[j] | input_ids[rows[j], : cols[j] + 1])`` and belongs to
+    candidate ``owner[j]``; a candidate's score is the mean over its picks. ``first`` is the
+    smallest column picked: logits left of it are never projected onto the vocabulary.
+    """
+
+    input_ids: torch.Tensor  # (R, T), right padded
+    attention_mask: torch.Tensor  # (R, T)
+    rows: torch.Tensor  # (P,)
+    cols: torch.Tensor  # (P,)
+    tokens: torch.Tensor  # (P,)
+    owner: torch.Tensor  # (P,)
+    counts: torch.Tensor  # (N,) picks per candidate
+    first: int
+
+    def to(self, device: torch.device | str, **kwargs) -> ScoreBatch:
+        moved = {k: v.to(device, **kwargs) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return replace(self, **moved)
+
+
+def _score_batch(
+    seqs: list[list[int]], picks: list[tuple[int, int, int]], owner: list[int], pad_id: int
+) -> ScoreBatch:
+    input_ids, attention_mask = _pad_right(seqs, pad_id)
+    rows, cols, tokens = (torch.tensor(c) for c in zip(*picks, strict=True))
+    owners = torch.tensor(owner)
+    counts = torch.bincount(owners, minlength=max(owner) + 1)
+    first = min(col for _, col, _ in picks)
+    return ScoreBatch(input_ids, attention_mask, rows, cols, tokens, owners, counts, first)
+
+
+def encode_continuations(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    continuations: list[str],
+    max_length: int = 1024,
+) -> ScoreBatch:
+    """One row per ``(prompt, continuation)`` pair, picking every continuation token."""
+    encoded = _encode(tokenizer, prompts, continuations, max_length)
+    picks, owner = [], []
+    for i, (ids, start) in enumerate(encoded):
+        picks += [(i, t - 1, ids[t]) for t in range(start, len(ids))]
+        owner += [i] * (len(ids) - start)
+    return _score_batch([ids for ids, _ in encoded], picks, owner, tokenizer.pad_token_id)
+
+
+def encode_candidates(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int = 1024
+) -> ScoreBatch:
+    """The scores of every candidate of every example, in order (example by example).
+
+    When every candidate is a single token (SST-2 words, Yes/No/Maybe in most tokenizers)
+    each prompt is one row and all its candidates are read from the same next-token
+    distribution: the same scores as one row per candidate, with K times fewer rows.
+    """
+    if not examples or any(e.candidates is None for e in examples):
+        raise TaskError("candidate scores need one or more classification examples")
+    conts = [c for e in examples for c in e.candidates]
+    cont_ids = tokenizer(conts, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer([e.prompt for e in examples])["input_ids"]
+    if not (all(len(c) == 1 for c in cont_ids) and all(prompt_ids)):
+        prompts = [e.prompt for e in examples for _ in e.candidates]
+        return encode_continuations(tokenizer, prompts, conts, max_length)
+    seqs = [_cut_prompt(p, max_length - 1, tokenizer.bos_token_id) for p in prompt_ids]
+    rows = [i for i, e in enumerate(examples) for _ in e.candidates]
+    picks = [(i, len(seqs[i]) - 1, c[0]) for i, c in zip(rows, cont_ids, strict=True)]
+    return _score_batch(seqs, picks, list(range(len(picks))), tokenizer.pad_token_id)
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _token_logprobs(
-    model: PreTrainedModel, seqs: list[list[int]], pad_id: int, picks: list[tuple[int, int, int]]
-) -> torch.Tensor:
-    """``log p(token | seqs[row][: pos + 1])`` for each ``(row, pos, token)``, one forward.
+def mean_logprobs(model: PreTrainedModel, batch: ScoreBatch) -> torch.Tensor:
+    """Each candidate's mean token log-probability, (N,), from one forward of the batch.
 
-    Rows are right padded; only positions from the first picked one on are projected onto the
-    vocabulary when the model takes ``logits_to_keep``.
+    Differentiable (the classification objective backpropagates through it); only positions
+    from ``batch.first`` on are projected onto the vocabulary when the model takes
+    ``logits_to_keep``. The result lives on the device of the model's logits.
     """
-    input_ids, attention_mask = _pad_right(seqs, pad_id)
-    device = next(model.parameters()).device
-    width = input_ids.shape[1]
-    first = min(pos for _, pos, _ in picks)
-    kwargs = {"logits_to_keep": width - first} if _accepts_logits_to_keep(model) else {}
+    batch = batch.to(next(model.parameters()).device)
+    width = batch.input_ids.shape[1]
+    kwargs = {"logits_to_keep": width - batch.first} if _accepts_logits_to_keep(model) else {}
     logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs
     ).logits  # (R, K, V): logits[:, k] belongs to position width - K + k
     offset = width - logits.shape[1]
-    rows, cols, tokens = (torch.tensor(c, device=logits.device) for c in zip(*picks, strict=True))
-    picked = logits[rows, cols - offset].float().log_softmax(-1)  # (n_picks, V)
-    return picked.gather(-1, tokens[:, None]).squeeze(-1).cpu()
+    rows, cols = batch.rows.to(logits.device), batch.cols.to(logits.device) - offset
+    picked = logits[rows, cols].float().log_softmax(-1)  # (P, V)
+    token_lp = picked.gather(-1, batch.tokens.to(logits.device)[:, None]).squeeze(-1)  # (P,)
+    owner, counts = batch.owner.to(logits.device), batch.counts.to(logits.device)
+    sums = token_lp.new_zeros(len(counts)).index_add(0, owner, token_lp)
+    return sums / counts
 
 
 @torch.inference_mode()
@@ -165,15 +238,8 @@ def candidate_scores(
     max_length: int = 1024,
 ) -> torch.Tensor:
     """Mean log-probability of each continuation's tokens given its prompt, (N,), one forward."""
-    encoded = _encode(tokenizer, prompts, continuations, max_length)
-    picks, owner = [], []
-    for i, (ids, start) in enumerate(encoded):
-        picks += [(i, t - 1, ids[t]) for t in range(start, len(ids))]
-        owner += [i] * (len(ids) - start)
-    token_lp = _token_logprobs(model, [ids for ids, _ in encoded], tokenizer.pad_token_id, picks)
-    sums = torch.zeros(len(encoded)).index_add_(0, torch.tensor(owner), token_lp)
-    counts = torch.tensor([len(ids) - start for ids, start in encoded])
-    return sums / counts
+    batch = encode_continuations(tokenizer, prompts, continuations, max_length)
+    return mean_logprobs(model, batch).cpu()
 
 
 @torch.inference_mode()
@@ -183,28 +249,21 @@ def example_scores(
     examples: Sequence[Example],
     max_length: int = 1024,
 ) -> list[list[float]]:
-    """Per example, the mean log-probability of each candidate (one forward for the batch).
-
-    When every candidate is a single token (SST-2 words, Yes/No/Maybe in most tokenizers)
-    each prompt is run once and all its candidates are read from the same next-token
-    distribution: the same numbers as :func:`candidate_scores`, with K times fewer rows.
-    """
-    conts = [c for e in examples for c in e.candidates]
-    cont_ids = tokenizer(conts, add_special_tokens=False)["input_ids"]
-    prompt_ids = tokenizer([e.prompt for e in examples])["input_ids"]
-    if all(len(c) == 1 for c in cont_ids) and all(prompt_ids):
-        seqs = [_cut_prompt(p, max_length - 1, tokenizer.bos_token_id) for p in prompt_ids]
-        owners = [i for i, e in enumerate(examples) for _ in e.candidates]
-        picks = [(i, len(seqs[i]) - 1, c[0]) for i, c in zip(owners, cont_ids, strict=True)]
-        flat = _token_logprobs(model, seqs, tokenizer.pad_token_id, picks).tolist()
-    else:
-        prompts = [e.prompt for e in examples for _ in e.candidates]
-        flat = candidate_scores(model, tokenizer, prompts, conts, max_length).tolist()
+    """Per example, the mean log-probability of each candidate (one forward for the batch)."""
+    flat = mean_logprobs(model, encode_candidates(tokenizer, examples, max_length)).tolist()
     out, at = [], 0
     for e in examples:
         out.append(flat[at : at + len(e.candidates)])
         at += len(e.candidates)
     return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _chunks(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _classify(model, tokenizer, batch: Sequence[Example], max_length: int) -> list[int]:
@@ -297,7 +356,7 @@ def _score(examples: Sequence[Example], preds: list) -> dict:
     n = len(examples)
     pairs = list(zip(preds, examples, strict=True))
     if examples[0].candidates is not None:
-        return {"accuracy": sum(p == e.answer for p, e in pairs) / n, "n": n}
+        return {"accuracy": sum(p in e.correct for p, e in pairs) / n, "n": n}
     f1 = sum(max(token_f1(p, r) for r in e.references) for p, e in pairs)
     em = sum(max(exact_match(p, r) for r in e.references) for p, e in pairs)
     return {"f1": f1 / n, "exact_match": em / n, "n": n}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import finetune_argv, write_classification_task
 from hub_server import set_offline
 from safetensors.torch import load_file
 
@@ -31,20 +32,9 @@ METHODS = ("mezo", "hizoo", "lozo", "lozo-m")
 STEPS = 3
 
 
-def write_task(path: Path, n: int = 60) -> Path:
-    """A two-label classification task as JSONL (text/label columns)."""
-    words = {"good": "great fun", "bad": "a dull mess"}
-    with path.open("w") as f:
-        for i in range(n):
-            label = "good" if i % 2 else "bad"
-            f.write(json.dumps({"text": f"Review {i}: it was {words[label]}.", "label": label}))
-            f.write("\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    return write_task(tmp_path_factory.mktemp("task") / "reviews.jsonl")
+    return write_classification_task(tmp_path_factory.mktemp("task") / "reviews.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +68,7 @@ def isolated(tmp_path: Path, monkeypatch) -> None:
 
 
 def args_for(task: Path | str, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [
-        "--task", str(task),
-        "--output", str(out),
-        "--steps", str(steps),
-        "--batch-size", "4",
-        "--n-train", "32",
-        "--n-dev", "4",
-        "--n-test", "6",
-        "--eval-examples", "4",
-        "--lr", "1e-3",
-        "--checkpoint-every", "2",
-        "--accelerator", "cpu",
-        "--no-progress",
-        *extra,
-    ]  # fmt: skip
+    return finetune_argv(task, out, *extra, steps=steps)
 
 
 def read_results(out: Path) -> dict:
@@ -129,7 +105,7 @@ def test_run_writes_results_and_a_replayable_trajectory(
 ):
     out = tmp_path / "out"
     tuner = str(tuner_dir) if with_tuner else "none"
-    extra = ["--model", "tiny-llama", "--method", method, "--tuner", tuner, "--save-model"]
+    extra = ["--model", "tiny-llama", "--method", method, "--tuner", tuner, "--save_model"]
     assert main(args_for(task_file, out, *extra)) == 0
     assert "results in" in capsys.readouterr().out
 
@@ -140,7 +116,7 @@ def test_run_writes_results_and_a_replayable_trajectory(
     assert len(results["train_loss"]) == STEPS
     assert all(math.isfinite(v) for v in results["train_loss"])
     for key in ("eval_before", "eval_after"):
-        assert results[key]["n"] == 4 and 0.0 <= results[key]["accuracy"] <= 1.0
+        assert results[key]["n"] == 6 and 0.0 <= results[key]["accuracy"] <= 1.0
     assert results["wall_time_s"] > 0 and results["peak_memory_bytes"] > 0
     if with_tuner:
         assert results["tuner"]["folder"] == str(tuner_dir)
@@ -158,7 +134,7 @@ def test_run_writes_results_and_a_replayable_trajectory(
 def test_tuner_by_local_zoo_name_brings_its_base_model(task_file, tuner_dir, tmp_path):
     register_local("tiny-test-tuner", tuner_dir)
     out = tmp_path / "out"
-    extra = ["--tuner", "tiny-test-tuner", "--eval-every", "2", "--save-model"]
+    extra = ["--tuner", "tiny-test-tuner", "--eval_every", "2", "--save_model"]
     assert main(args_for(task_file, out, *extra)) == 0  # no --model: the tuner's base model
     results = read_results(out)
     assert results["model"] == "tiny-llama"
@@ -174,7 +150,7 @@ def test_offline_sentiment_task(tmp_path):
     assert main(args_for("tweets", out, "--model", "tiny-opt", steps=2)) == 0
     results = read_results(out)
     assert results["task"] == "tweets" and len(results["train_loss"]) == 2
-    assert results["eval_before"]["n"] == 4
+    assert results["eval_before"]["n"] == 6
 
 
 # ---------------------------------------------------------------------------------- resume
@@ -206,7 +182,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     method, task_file, tuner_dir, tmp_path, monkeypatch, capsys
 ):
     extra = ["--model", "tiny-llama", "--method", method, "--tuner", str(tuner_dir)]
-    extra += ["--save-model", "--nu", "2"]  # LOZO redraws V across the interruption
+    extra += ["--save_model", "--nu", "2"]  # LOZO redraws V across the interruption
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(args_for(task_file, whole, *extra, steps=5)) == 0
 
@@ -300,9 +276,9 @@ def nan_at(monkeypatch, step: int) -> None:
 def test_nonfinite_loss_stops_with_consistent_files(task_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     nan_at(monkeypatch, 2)
-    argv = args_for(task_file, out, "--model", "tiny-llama", "--checkpoint-every", "1", steps=4)
+    argv = args_for(task_file, out, "--model", "tiny-llama", "--checkpoint_every", "1", steps=4)
     err = run_failing(argv, capsys)
-    assert "non-finite loss at step 2" in err and "--on-nonfinite" in err
+    assert "non-finite loss at step 2" in err and "--on_nonfinite" in err
 
     results = read_results(out)  # complete JSON, written after the last good step
     assert results["status"] == "failed" and results["steps_done"] == 3
@@ -316,7 +292,7 @@ def test_nonfinite_loss_stops_with_consistent_files(task_file, tmp_path, monkeyp
 def test_nonfinite_loss_skip_policy(task_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     nan_at(monkeypatch, 1)
-    argv = args_for(task_file, out, "--model", "tiny-llama", "--on-nonfinite", "skip", steps=3)
+    argv = args_for(task_file, out, "--model", "tiny-llama", "--on_nonfinite", "skip", steps=3)
     assert main(argv) == 0
     results = read_results(out)
     assert results["nonfinite_steps"] == 1 and len(results["train_loss"]) == 3
@@ -355,7 +331,8 @@ def test_disk_full_keeps_previous_results(task_file, tmp_path, monkeypatch, caps
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", no_space)
-    err = run_failing(args_for(task_file, out, "--model", "tiny-llama", "--seed", "1"), capsys)
+    argv = args_for(task_file, out, "--model", "tiny-llama", "--resume", steps=4)
+    err = run_failing(argv, capsys)  # the disk fills before the first new save
     assert "no space left on the device" in err and "trajectory.json" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert no_temp_files(out) == []
@@ -377,7 +354,7 @@ def test_console_script_help(script):
 def test_peft_lora_trains_only_the_adapters(task_file, tuner_dir, tmp_path, capsys):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    argv = args_for(task_file, out, "--model", "tiny-llama", "--peft", "lora", "--save-model")
+    argv = args_for(task_file, out, "--model", "tiny-llama", "--peft", "lora", "--save_model")
     assert main(argv) == 0
     results = read_results(out)
     assert results["status"] == "finished" and len(results["train_loss"]) == STEPS
@@ -386,5 +363,6 @@ def test_peft_lora_trains_only_the_adapters(task_file, tuner_dir, tmp_path, caps
     assert saved and all("lora_" in name for name in saved)
     base, _ = load_model("tiny-llama")
     assert traj.fingerprint != ParamBlocks.from_module(base).fingerprint()  # adapters only
-    with pytest.raises(SystemExit, match="--peft"):
-        main(args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", str(tuner_dir)))
+    argv = args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", str(tuner_dir))
+    assert "use --tuner none with --peft" in run_failing(argv, capsys)
+    assert not (tmp_path / "x").exists()

@@ -84,18 +84,18 @@ def test_offloaded_weights_are_refused():
 
 
 def test_finetune_device_map(tmp_path, capsys):
-    common = ["--model", "tiny-llama", "--task", "tweets", "--n-train", "16", "--n-test", "4"]
-    common += ["--steps", "2", "--batch-size", "4", "--eval-examples", "2", "--no-progress"]
+    common = ["--model", "tiny-llama", "--task", "tweets", "--n_train", "16", "--n_test", "4"]
+    common += ["--steps", "2", "--batch_size", "4", "--eval_examples", "2", "--no_progress"]
     common += ["--accelerator", "cpu", "--tuner", "none"]
     runs = []
-    for extra in ([], ["--device-map", "auto"]):
+    for extra in ([], ["--device_map", "auto"]):
         out = tmp_path / f"out{len(runs)}"
         assert main([*common, "--output", str(out), *extra]) == 0
         runs.append((out / "results.json").read_text())
     a, b = (json.loads(r) for r in runs)
     assert a["train_loss"] == b["train_loss"] and b["peak_memory_bytes"] > 0
     assert (
-        main([*common, "--output", str(tmp_path / "x"), "--device-map", "auto", "--devices", "2"])
+        main([*common, "--output", str(tmp_path / "x"), "--device_map", "auto", "--devices", "2"])
         == 2
     )
     assert "does not combine with --devices > 1" in capsys.readouterr().err

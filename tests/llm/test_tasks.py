@@ -12,6 +12,8 @@ import torch
 from llm import assets
 from llm.models import load_model
 from llm.tasks import (
+    DEFAULT_MAX_LENGTH,
+    LONG_MAX_LENGTH,
     Example,
     TaskError,
     candidate_scores,
@@ -195,7 +197,10 @@ def test_local_jsonl_classification_with_string_labels(tmp_path):
     assert (len(task.train), len(task.dev), len(task.test)) == (24, 3, 3)
     ex = task.train[0]
     assert ex.candidates == [" neg", " neutral", " pos"]  # sorted label set
-    assert ex.candidates[ex.answer] == " " + rows[int(ex.prompt[1:])]["label"]
+    number = int(ex.prompt.split("\n")[0][1:])
+    assert ex.prompt == f"t{number}\nQuestion: neg, neutral or pos?\nAnswer:"  # the default
+    assert ex.candidates[ex.answer] == " " + rows[number]["label"]
+    assert (task.objective, task.max_length) == ("classification", DEFAULT_MAX_LENGTH)
 
 
 def test_local_int_labels_sort_numerically_and_candidates_column(tmp_path):
@@ -218,7 +223,7 @@ def test_local_generation_and_split_column(tmp_path):
         {"prompt": "Q: sky? A:", "answer": "blue", "split": "test"},
     ]
     task = load_task(_jsonl(tmp_path / "g.jsonl", rows))
-    assert (task.kind, task.metric) == ("generation", "f1")
+    assert (task.kind, task.metric, task.objective) == ("generation", "f1", "lm")
     assert task.train[0].answer == " Paris" and task.train[0].references == ["Paris", "paris"]
     assert task.dev[0].answer == "4"  # the prompt already ends with whitespace
     assert task.test[0].references == ["blue"]
@@ -253,6 +258,88 @@ def test_local_file_errors(tmp_path):
         load_task(csv_file)
 
 
+def _reviews(path, extra=None, n=10):
+    rows = [{"text": f"Review {i}.", "label": ["negative", "positive"][i % 2]} for i in range(n)]
+    return _jsonl(path, [dict(r, **(extra or {})) for r in rows])
+
+
+def test_local_template_and_label_words_from_keywords(tmp_path):
+    path = _reviews(tmp_path / "r.jsonl")
+    task = load_task(
+        path, template="{text} It was", label_words="positive=great, negative=terrible"
+    )
+    ex = next(e for e in task.train if e.prompt == "Review 1. It was")
+    assert (ex.candidates, ex.target) == ([" terrible", " great"], " great")
+    as_dict = load_task(
+        path, template="{text} It was", label_words={"positive": "great"} | {"negative": "terrible"}
+    )
+    assert [e.candidates for e in as_dict.train] == [e.candidates for e in task.train]
+    asked = load_task(path, template="{text}\nIs it {options}? Answer:\n")
+    ex = next(e for e in asked.train if e.prompt.startswith("Review 1."))
+    assert ex.prompt == "Review 1.\nIs it negative or positive? Answer:\n"
+    assert ex.candidates == ["negative", "positive"]  # after whitespace: no extra space
+    assert ex.target == "positive"
+
+
+def test_local_template_names_other_columns(tmp_path):
+    path = _reviews(tmp_path / "r.jsonl", {"product": "kettle"})
+    task = load_task(path, template="About the {product}: {text} All in all it was")
+    assert task.train[0].prompt.startswith("About the kettle: Review ")
+    with pytest.raises(TaskError, match=r"r.jsonl line \d+: the template .* needs column 'title'"):
+        load_task(path, template="{title}: {text}")
+
+
+def test_local_template_and_label_words_from_columns(tmp_path):
+    path = _reviews(tmp_path / "r.jsonl", {"template": "{text} Verdict:"})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["label_words"] = {"positive": "good", "negative": "bad"}
+    _jsonl(path, rows)
+    task = load_task(path, n_train=100)
+    by_prompt = {e.prompt: e for e in task.train + task.dev + task.test}
+    assert by_prompt["Review 1. Verdict:"].candidates == [" bad", " good"]
+    assert by_prompt["Review 3. Verdict:"].candidates == [" negative", " positive"]
+    keyword = load_task(path, template="{text} It was", label_words="positive=a,negative=b")
+    assert {e.prompt[-6:] for e in keyword.train} == {"It was"}  # keywords win
+    assert {tuple(e.candidates) for e in keyword.train} == {(" b", " a")}
+    csv_file = tmp_path / "r.csv"
+    csv_file.write_text(
+        "text,label,label_words,split\nNice.,pos,pos great,train\n"
+        'Bad.,neg,"pos=great,neg=terrible",train\n'
+    )
+    with pytest.raises(TaskError, match=r"r.csv line 2: column 'label_words'.*label=word"):
+        load_task(csv_file)
+    csv_file.write_text(
+        'text,label,label_words,split\nNice.,pos,"pos=great,neg=bad",train\n'
+        'Bad.,neg,"pos=great,neg=terrible",test\n'
+    )
+    task = load_task(csv_file)
+    assert task.train[0].prompt == "Nice.\nQuestion: bad or great?\nAnswer:"
+    assert (task.train[0].candidates, task.test[0].target) == ([" bad", " great"], " terrible")
+
+
+def test_local_template_and_label_word_errors(tmp_path):
+    path = _reviews(tmp_path / "r.jsonl")
+    with pytest.raises(TaskError, match=r"--label_words: .*'positive=great,negative=terrible'"):
+        load_task(path, label_words="positive:great")
+    with pytest.raises(TaskError, match=r"no word for label\(s\) \['negative'\]"):
+        load_task(path, label_words="positive=great")
+    with pytest.raises(TaskError, match=r"names label\(s\) \['postive'\].*\['negative', 'pos"):
+        load_task(path, label_words="postive=great,positive=fine,negative=bad")
+    with pytest.raises(TaskError, match="two labels one word"):
+        load_task(path, label_words="positive=ok,negative=ok")
+    with pytest.raises(TaskError, match=r"--template: template 'It was' names no column"):
+        load_task(path, template="It was")
+    with pytest.raises(TaskError, match="must name columns in braces"):
+        load_task(path, template="{} was")
+    with pytest.raises(TaskError, match="malformed template"):
+        load_task(path, template="{text was")
+    with pytest.raises(TaskError, match="tweets has its own prompt; --template and --label_words"):
+        load_task("tweets", template="{text} It was")
+    gen = _jsonl(tmp_path / "g.jsonl", [{"prompt": "Q:", "answer": "a"}])
+    with pytest.raises(TaskError, match="g.jsonl is a generation file"):
+        load_task(gen, label_words="a=b")
+
+
 def test_unknown_task_lists_close_names():
     with pytest.raises(TaskError, match="did you mean movie-reviews") as err:
         load_task("movie-review")
@@ -269,9 +356,13 @@ def test_mezo_to_example_functions():
     assert suite.sst2_example({"sentence": "unlabelled", "label": -1}) is None
     rte = suite.rte_example({"premise": "P.", "hypothesis": "H.", "label": 1})
     assert rte.prompt == 'P.\nDoes this mean that "H." is true? Yes or No?\n' and rte.target == "No"
-    assert suite.cb_example({"premise": "P", "hypothesis": "H", "label": 2}).target == "Maybe"
+    cb = suite.cb_example({"premise": "It rained.", "hypothesis": "It was wet", "label": 2})
+    assert cb.prompt == 'Suppose It rained. Can we infer that "It was wet"? Yes, No, or Maybe?\n'
+    assert (cb.candidates, cb.target) == (["Yes", "No", "Maybe"], "Maybe")
     boolq = suite.boolq_example({"passage": "Sky.", "question": "is the sky blue", "label": 1})
-    assert (boolq.prompt, boolq.target) == ("Sky. is the sky blue?\n", "Yes")
+    assert (boolq.prompt, boolq.target) == ("Sky. Is the sky blue?\n", "Yes")
+    asked = suite.boolq_example({"passage": "Sky.", "question": "is it blue?", "label": 0})
+    assert (asked.prompt, asked.target) == ("Sky. Is it blue?\n", "No")
     wsc = suite.wsc_example(
         {"text": "Bob met Al. He smiled.", "span1_text": "Bob", "span2_text": "He", "label": 0}
     )
@@ -288,6 +379,10 @@ def test_mezo_to_example_functions():
     assert (
         suite.copa_example({**copa_row, "question": "effect"}).prompt == "The man broke his toe so"
     )
+    mine = suite.copa_example({**copa_row, "choice1": "I fell.", "choice2": "The NASA van left."})
+    assert mine.candidates == [" I fell.", " the NASA van left."]  # MeZO: "I" stays upper case
+    contracted = suite.copa_example({**copa_row, "choice1": "I'm ill.", "choice2": "It's late."})
+    assert contracted.candidates == [" I'm ill.", " it's late."]
 
 
 def test_mezo_record_squad_drop_examples():
@@ -301,6 +396,7 @@ def test_mezo_record_squad_drop_examples():
     )
     assert record.prompt == "Text.\n- Merkel visits Paris\n-"
     assert record.candidates == [" Merkel said hi", " Paris said hi"] and record.answer == 1
+    assert record.correct == [1]
     squad = suite.squad_example(
         {"title": "T", "context": "C", "question": "Q?", "answers": {"text": ["x", "the x"]}}
     )
@@ -330,6 +426,56 @@ def test_hub_task_sampling_follows_mezo(monkeypatch):
     same = load_task("sst2", seed=0, n_train=50, n_dev=20, n_test=30)
     assert (len(other.train), len(other.dev), len(other.test)) == (50, 20, 30)
     assert [e.prompt for e in other.test] == [e.prompt for e in same.test]
+
+
+def _fake_hub(monkeypatch, rows_by_split):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config, split: rows_by_split[split])
+
+
+def test_cb_and_copa_get_mezos_100_example_dev_split(monkeypatch):
+    cb = [{"premise": f"P{i}.", "hypothesis": "H", "label": i % 3} for i in range(250)]
+    _fake_hub(monkeypatch, {"train": cb, "validation": cb[:56]})
+    task = load_task("cb")
+    assert (len(task.train), len(task.dev), len(task.test)) == (150, 100, 56)
+    assert task.dev[0].prompt.startswith("Suppose P")
+    assert len(load_task("cb", n_dev=20).dev) == 20
+    copa = [{"premise": f"P{i}.", "choice1": "A.", "choice2": "B.", "question": "cause"}
+            for i in range(400)]  # fmt: skip
+    _fake_hub(monkeypatch, {"train": [dict(r, label=0) for r in copa], "validation": []})
+    task = load_task("copa")
+    assert (len(task.train), len(task.dev), task.objective) == (300, 100, "lm")
+    assert len(load_task("copa", n_dev=50).dev) == 50  # a smaller request is kept
+
+
+def test_long_passage_tasks_default_to_mezos_max_length(monkeypatch):
+    long = {n for n, spec in suite.MEZO_TASKS.items() if spec.max_length == LONG_MAX_LENGTH}
+    assert long == {"multirc", "record", "squad", "drop"} and LONG_MAX_LENGTH == 2048
+    rows = [{"paragraph": "P.", "question": "Q?", "answer": "A", "label": 1}] * 4
+    _fake_hub(monkeypatch, {"train": rows, "validation": rows})
+    assert load_task("multirc").max_length == LONG_MAX_LENGTH
+    _fake_hub(monkeypatch, {"train": [{"sentence": "s", "label": 1}] * 4, "validation": []})
+    assert load_task("sst2").max_length == DEFAULT_MAX_LENGTH
+
+
+def test_record_is_right_on_any_gold_entity(tiny_model):
+    _, tok = tiny_model
+    row = {
+        "passage": "Merkel met Macron in Paris.",
+        "query": "@placeholder said hi",
+        "entities": ["Merkel", "Macron", "Paris", "Macron"],
+        "answers": ["Macron", "Merkel", "Macron", "Berlin"],
+    }
+    record = suite.record_example(row)
+    assert record.candidates == [" Merkel said hi", " Macron said hi", " Paris said hi"]
+    assert (record.answer, record.correct) == (1, [0, 1])  # target: the first gold answer
+    assert suite.record_example({**row, "answers": ["Berlin"]}) is None
+    merkel = tok(" Merkel", add_special_tokens=False)["input_ids"][0]
+    stub = FavouriteToken(len(tok), merkel)  # predicts the other gold entity
+    assert evaluate(stub, tok, [record], progress=False)["accuracy"] == 1.0
+    wrong = Example(record.prompt, record.candidates, 1, references=[" Macron said hi"])
+    assert evaluate(stub, tok, [wrong], progress=False)["accuracy"] == 0.0
 
 
 def test_hub_task_unreachable_names_the_dataset_and_offline_tasks(monkeypatch):

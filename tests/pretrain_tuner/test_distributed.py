@@ -68,14 +68,14 @@ def finetune_args(files: dict[str, Path], out: Path, steps: int, *extra: str) ->
         "--method", "hizoo",
         "--output", str(out),
         "--steps", str(steps),
-        "--batch-size", "5",  # shards of 3 and 2 examples
-        "--n-train", "40",
-        "--n-test", "6",
-        "--eval-examples", "5",
+        "--batch_size", "5",  # shards of 3 and 2 examples
+        "--n_train", "40",
+        "--n_test", "5",  # the final test evaluation: sharded 3 + 2
+        "--eval_examples", "5",
         "--lr", "1e-3",
-        "--save-model",
+        "--save_model",
         "--accelerator", "cpu",
-        "--no-progress",
+        "--no_progress",
         *extra,
     ]  # fmt: skip
 
@@ -171,7 +171,7 @@ class RankOneOfTwo:
 def test_other_ranks_write_nothing(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("finetune.cli._fabric", lambda args: RankOneOfTwo())
     out = tmp_path / "out"
-    assert finetune(finetune_args(files, out, 2, "--checkpoint-every", "1")) == 0
+    assert finetune(finetune_args(files, out, 2, "--checkpoint_every", "1")) == 0
     assert not out.exists()
     assert "results in" not in capsys.readouterr().out
 
@@ -179,10 +179,11 @@ def test_other_ranks_write_nothing(files, tmp_path, monkeypatch, capsys):
 def pretrain(files: dict[str, Path], out: Path, strategy: str, steps: int, *extra: str) -> dict:
     """2 ranks, 2 meta-steps an epoch (16 examples in global batches of 4); a meta step size
     large enough that the tuner moves measurably in a few steps."""
-    argv = ["--model", "tiny-llama", "--tasks", str(files["task"]), "--output", str(out)]
-    argv += ["--max-steps", str(steps), "--batch-size", "4", "--n-train", "16", "--name", "none"]
-    argv += ["--lr-update", "1e-2", "--lr-tuner", "1.0", "--lr-model", "0.05", *extra]
-    argv += ["--accelerator", "cpu", "--devices", "2", "--strategy", strategy, "--no-progress"]
+    argv = ["--model", "tiny-llama", "--task", str(files["task"]), "--output", str(out)]
+    argv += ["--steps", str(steps), "--batch_size", "4", "--n_train", "16", "--name", "none"]
+    argv += ["--lr_update", "1e-2", "--lr_tuner", "1.0", "--lr_model", "0.05", "--objective", "lm"]
+    argv += extra
+    argv += ["--accelerator", "cpu", "--devices", "2", "--strategy", strategy, "--no_progress"]
     launch("pretrain_tuner.cli", argv, out.parent / "home")
     return json.loads((out / "config.json").read_text())["metrics"]
 
@@ -239,3 +240,17 @@ def assert_same_tuner_and_model(ddp: Path, fsdp: Path, scratch: Path) -> None:
     assert max(float((ddp_weights[k] - start[k]).abs().max()) for k in names) > 1e-3
     for name in names:
         torch.testing.assert_close(fsdp_weights[name], ddp_weights[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretrain_tuner_bf16_true_keeps_the_tuner_float32(files, tmp_path, strategy):
+    """bf16-true under DDP and FSDP2: the base model runs in bfloat16, the tuner stays float32
+    (only the base model is converted, before the strategy wraps the module) and learns."""
+    out = tmp_path / strategy
+    pretrain(files, out, strategy, 2, "--precision", "bf16-true")
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    model, _ = load_model("tiny-llama")
+    fresh = Tuner.for_blocks(ParamBlocks.from_module(model), "l2l/tiny-llama", seed=0)
+    # w1's columns of features that are 0 in the first steps get no gradient
+    assert (weights["w1"] != fresh.w1.detach()).float().mean() > 0.2

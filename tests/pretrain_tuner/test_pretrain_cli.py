@@ -1,7 +1,7 @@
 """End to end: ``pretrain-tuner`` meta-trains a tuner for tiny-llama, in process.
 
 The tuner it writes reloads, attaches to every ZO method and to ``finetune`` (by folder, by
-local zoo name and from a loopback Hub after ``--push-to-hub``); ``--resume`` continues the
+local zoo name and from a loopback Hub after ``--push_to_hub``); ``--resume`` continues the
 global step from ``checkpoints/last.ckpt``.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,19 @@ from helpers import isolated_home
 from hub_server import HubServer, set_offline
 from safetensors.torch import load_file
 
-from finetune.cli import main as finetune
 from l2l import LOZO, ZOSGD, HiZOO
 from l2l.blocks import ParamBlocks
 from l2l.tuner import ARTIFACT_FILES, Tuner
 from llm.models import load_model
 from pretrain_tuner.cli import main
+from pretrain_tuner.config import parse
 from tuner_zoo.resolve import resolve_tuner
+
+
+def finetune(argv: list[str]) -> int:
+    from finetune.cli import main
+
+    return main(argv)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,16 +55,16 @@ def task_file(tmp_path_factory) -> Path:
 def pretrain_args(task: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:
     return [
         "--model", "tiny-llama",
-        "--tasks", str(task),
+        "--task", str(task),
         "--output", str(out),
-        "--max-steps", str(steps),
-        "--batch-size", "4",
-        "--n-train", "24",
-        "--lr-update", "1e-3",
-        "--checkpoint-every", "1",
+        "--steps", str(steps),
+        "--batch_size", "4",
+        "--n_train", "24",
+        "--lr_update", "1e-3",
+        "--checkpoint_every", "1",
         "--accelerator", "cpu",
         "--devices", "1",
-        "--no-progress",
+        "--no_progress",
         *extra,
     ]  # fmt: skip
 
@@ -121,8 +128,8 @@ def test_registered_in_local_zoo_and_used_by_finetune(trained, task_file, tmp_pa
     assert resolve_tuner("tiny-meta", offline=True) == home / "zoo" / "tiny-meta"
     run = tmp_path / "run"
     argv = ["--tuner", "tiny-meta", "--task", str(task_file), "--output", str(run)]
-    argv += ["--steps", "2", "--batch-size", "4", "--n-train", "16", "--n-test", "4"]
-    argv += ["--eval-examples", "2", "--accelerator", "cpu", "--no-progress"]
+    argv += ["--steps", "2", "--batch_size", "4", "--n_train", "16", "--n_test", "4"]
+    argv += ["--eval_examples", "2", "--accelerator", "cpu", "--no_progress"]
     assert finetune(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["model"] == "tiny-llama" and results["tuner"]["spec"] == "tiny-meta"
@@ -143,7 +150,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(task_file, tmp_path, monk
     """6 batches an epoch, a reset every epoch: 8 steps in one run == ``stop`` steps, then
     ``--resume`` to 8: the same batches (losses), the same tuner, the same base model."""
     monkeypatch.setenv("L2L_HOME", str(isolated_home(tmp_path / "home")))
-    common = ("--name", "none", "--reset-every", "1")
+    common = ("--name", "none", "--reset_every", "1")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(pretrain_args(task_file, whole, *common, steps=8)) == 0
     assert main(pretrain_args(task_file, parts, *common, steps=stop)) == 0
@@ -164,7 +171,7 @@ def test_bad_settings_fail_before_training(task_file, tmp_path, capsys):
     assert main(pretrain_args(task_file, out, "--resume")) == 2
     assert "--resume: no checkpoint at" in capsys.readouterr().err
     assert main(pretrain_args(task_file, out, "--precision", "16-mixed")) == 2
-    assert "--precision 16-mixed is not supported" in capsys.readouterr().err
+    assert "--precision 16-mixed: not supported" in capsys.readouterr().err
     assert main(pretrain_args(tmp_path / "missing.jsonl", out)) == 2
     assert "missing.jsonl does not exist" in capsys.readouterr().err
     assert main(pretrain_args(task_file, out, "--strategy", "fsdp_cpu_offload")) == 2
@@ -180,7 +187,7 @@ def test_push_to_hub_then_finetune_downloads_it(task_file, tmp_path, monkeypatch
     with HubServer() as hub:
         hub.configure(monkeypatch, cache_dir=tmp_path / "hf" / "hub")
         out = tmp_path / "tuner"
-        argv = pretrain_args(task_file, out, "--name", "none", "--push-to-hub", repo, steps=1)
+        argv = pretrain_args(task_file, out, "--name", "none", "--push_to_hub", repo, steps=1)
         assert main(argv) == 0
         files = hub.files(repo)
         assert set(ARTIFACT_FILES) <= set(files)
@@ -188,11 +195,39 @@ def test_push_to_hub_then_finetune_downloads_it(task_file, tmp_path, monkeypatch
 
         run = tmp_path / "run"
         argv = ["--tuner", repo, "--task", str(task_file), "--output", str(run), "--steps", "2"]
-        argv += ["--batch-size", "4", "--n-train", "16", "--n-test", "4", "--eval-examples", "2"]
-        argv += ["--accelerator", "cpu", "--no-progress"]
+        argv += ["--batch_size", "4", "--n_train", "16", "--n_test", "4", "--eval_examples", "2"]
+        argv += ["--accelerator", "cpu", "--no_progress"]
         assert finetune(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["model"] == "tiny-llama"  # the tuner's base model, resolved offline
     folder = Path(results["tuner"]["folder"])
     assert folder.is_relative_to(tmp_path / "hf" / "hub")
     assert (folder / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_help_explains_every_flag_in_the_shared_vocabulary(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "`" not in text
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", text) if e.startswith("  --")]
+    flags = [e for e in entries if not e.startswith(("--config", "--print_config"))]
+    assert len(flags) > 30
+    for entry in flags:
+        assert "(default: " in entry or "(required)" in entry, entry
+    for flag in ("--task", "--steps", "--model_revision", "--overwrite", "--batch_size"):
+        assert any(e.startswith((flag + " ", flag + ",")) for e in flags), flag
+    assert any(e.startswith("--devices") and "(default: 1)" in e for e in flags)
+    for old in ("--tasks", "--max-steps", "--max_steps", "--revision ", "--force"):
+        assert old not in text
+
+
+def test_print_config_is_a_recipe_that_reruns(task_file, tmp_path, capsys):
+    argv = ["--model", "tiny-llama", "--task", f"[{task_file},tweets]", "--output", "out"]
+    argv += ["--steps", "7", "--no_normalize", "--devices", "2"]
+    assert main([*argv, "--print_config"]) == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(capsys.readouterr().out)
+    again = parse(["--config", str(recipe)])
+    assert again == parse(argv)
+    assert again.tasks == [str(task_file), "tweets"] and again.steps == 7
+    assert again.normalize is False and again.devices == 2

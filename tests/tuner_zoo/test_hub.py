@@ -176,7 +176,7 @@ def test_cli_push_validates_and_never_prints_the_token(
     assert "test-user/cli-pushed" in out.out and TOKEN not in out.out + out.err
     assert sorted(online.files("test-user/cli-pushed")) == sorted(ARTIFACT_FILES)
     (tmp_path / "t" / "model.safetensors").write_bytes(b"junk")
-    assert main(["push", str(tmp_path / "t"), "test-user/cli-pushed-2"]) == 1
+    assert main(["push", str(tmp_path / "t"), "test-user/cli-pushed-2"]) == 2
     assert "model.safetensors" in capsys.readouterr().err
     assert "test-user/cli-pushed-2" not in online.repos
 

@@ -1,0 +1,127 @@
+"""Does a bfloat16 run train as the float32 run does? (issue 14: updates kept in half precision)
+
+The movie-review run of ``make demo`` (the bundled SmolLM2-135M tuner, 60 steps at lr 3e-5),
+once per variant, each from the same start and seed:
+
+* ``float32``: the reference;
+* ``bfloat16``: weights in bfloat16, updates stochastically rounded (the default);
+* ``bfloat16-nearest``: weights in bfloat16, updates rounded to nearest (what public ZO code
+  does; most of each update is lost).
+
+It prints and writes (``--out``, JSON) the zero-shot and final test accuracy of each, with the
+binomial standard error of an accuracy on the test split, the noise that "within noise" means:
+
+    nice -n 10 python benchmarks/bf16_check.py --out benchmarks/results/bf16_check_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "float32": ("float32", "stochastic"),
+    "bfloat16": ("bfloat16", "stochastic"),
+    "bfloat16-nearest": ("bfloat16", "nearest"),
+}
+
+
+def accuracy(metrics: dict) -> float:
+    return float(metrics["accuracy"])
+
+
+def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """One fine-tuning run through ``finetune``'s own setup (model, task, tuner, optimizer)."""
+    from finetune.cli import setup
+    from finetune.config import FinetuneConfig
+
+    dtype, rounding = VARIANTS[name]
+    cfg = FinetuneConfig(
+        tuner=args.tuner,
+        task=args.task,
+        steps=args.steps,
+        lr=args.lr,
+        eval_examples=args.eval_examples,
+        n_test=args.n_test,
+        dtype=dtype,
+        seed=args.seed,
+        output=str(workdir / name),
+        overwrite=True,
+        progress=False,
+        checkpoint_every=0,
+    )
+    run = setup(cfg)
+    run.opt.param_groups[0]["rounding"] = rounding  # FinetuneConfig has no such option
+    t0 = time.perf_counter()
+    results = run.fit(run.begin())
+    before, after = results["eval_before"], results["eval_after"]
+    n = int(after.get("n", args.n_test))
+    out = dict(
+        dtype=dtype,
+        rounding=rounding,
+        accuracy_before=accuracy(before),
+        accuracy_after=accuracy(after),
+        n_test=n,
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
+    print(
+        f"{name:18s} zero-shot {out['accuracy_before']:.3f} -> after {args.steps} steps "
+        f"{out['accuracy_after']:.3f}  (n={n}, {out['wall_s']:.0f} s)",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--tuner", default="smollm2-135m")
+    parser.add_argument("--task", default="movie-reviews")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--eval_examples", type=int, default=200)
+    parser.add_argument("--n_test", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_check.json"))
+    args = parser.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
+
+    import torch
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            runs[name] = run_variant(name, args, Path(tmp))
+    summary = {}
+    if "float32" in runs:
+        ref = runs["float32"]["accuracy_after"]
+        for name, r in runs.items():
+            p, n = r["accuracy_after"], r["n_test"]
+            se = math.sqrt(max(p * (1 - p), 1e-12) / n)
+            summary[name] = dict(
+                minus_float32=round(p - ref, 4),
+                gain_over_zero_shot=round(p - r["accuracy_before"], 4),
+                binomial_se=round(se, 4),
+            )
+            print(f"{name:18s} after - float32 after = {p - ref:+.3f} (one s.e. {se:.3f})")
+    result = dict(
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        runs=runs,
+        summary=summary,
+        machine=dict(platform=platform.platform(), torch=torch.__version__),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Rounding a higher-precision result into a tensor's storage dtype, exact in expectation.
+
+A ZO update (``lr * g ~ 1e-6``) is far below the spacing of bfloat16 weights (~1.2e-4 at
+``|w| ~ 0.02``): rounded to nearest, almost all of it is lost. Stochastic rounding picks one of
+the two representable neighbours of ``x`` with probability proportional to closeness, so
+``E[round(x)] = x`` and updates add up over steps as they would in float32.
+
+The random bits are a pure function of ``(key, element position)``: the key mixes the step seed,
+the block and a salt (:func:`rounding_key`), positions count a block's elements row-major (as
+z's do, so the bits do not depend on how a block is cut into chunks), and the bits come from
+z's counter-based generator (:func:`l2l.z.counter_bits`): a trajectory replayed or a run resumed
+draws exactly the same bits, on any device. The salts keep these bits independent of z and of
+each other (:data:`SALT_UPDATE`, :data:`SALT_HESSIAN`, :data:`SALT_SHIFT`).
+
+Targets and inputs: bfloat16 and float16 from float32, float32 from float64. Per element:
+
+* a representable ``x`` (and ``+-0``, ``+-inf``, NaN) is returned unchanged;
+* otherwise the result is the neighbour toward zero ``lo`` or away from zero ``hi`` with
+  ``P(hi) = (|x| - |lo|) / (|hi| - |lo|)``, the sign of ``x`` kept (subnormals included);
+* beyond the largest finite value ``M`` the next value is ``inf`` at distance one ulp, i.e. as if
+  the exponent range went on (IEEE-754 style stochastic rounding): ``M < |x| < 2^(emax+1)`` gives
+  ``M`` or ``inf``, larger ``|x|`` gives ``inf``; a finite ``x`` never becomes NaN.
+
+The rounding adds random low bits to the input's bit pattern and truncates them (16 bits for
+bfloat16, 13 for float16, 29 for float32 from float64; the carry does the rest): about ten
+elementwise torch ops besides the bits, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2l import z as zdef
+from l2l.z import mix_seed
+
+#: ``"stochastic"``: unbiased rounding into half-precision storage; ``"nearest"``: IEEE round to
+#: nearest even (what every public ZO code does; kept to compare against).
+ROUNDINGS = ("stochastic", "nearest")
+
+#: Salts of the three streams of rounding bits (the parameter update, HiZOO's curvature EMA, the
+#: meta-training look-ahead shift).
+SALT_UPDATE = 0x5255_5044  # "RUPD"
+SALT_HESSIAN = 0x5248_4553  # "RHES"
+SALT_SHIFT = 0x5253_4846  # "RSHF"
+
+#: storage dtype -> (input dtype, integer view of the input, input mantissa bits the storage
+#: lacks, the storage's smallest normal value or None when its exponent range is the input's)
+_TARGETS = {
+    torch.bfloat16: (torch.float32, torch.int32, 16, None),
+    torch.float16: (torch.float32, torch.int32, 13, 2.0**-14),
+    torch.float32: (torch.float64, torch.int64, 29, 2.0**-126),
+}
+#: integer view -> (bits of the sign, of inf, of a quiet NaN) of the float of that width
+_PATTERNS = {
+    torch.int32: (-(1 << 31), 0x7F80_0000, 0x7FC0_0000),
+    torch.int64: (-(1 << 63), 0x7FF0_0000_0000_0000, 0x7FF8_0000_0000_0000),
+}
+
+
+def _pattern(value: float, idt: torch.dtype) -> int:
+    fdt = torch.float32 if idt == torch.int32 else torch.float64
+    return int(torch.tensor(value, dtype=fdt).view(idt))
+
+
+def rounding_key(step_seed: int, block: int, salt: int) -> int:
+    """The key of block ``block``'s rounding bits at ``step_seed`` (``salt``: which stream)."""
+    return mix_seed(step_seed, block, salt)
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+class _Scratch:
+    """Reusable buffers per (device, slot), grown on demand: a fresh chunk-sized allocation per
+    call costs page faults on CPU. Slot 0 holds the bits, 1 and 2 the temporaries."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+    def get(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        buf = self._bufs.get((device, slot))
+        if buf is None or buf.numel() < nbytes:
+            with torch.inference_mode(False):  # reusable in and outside inference mode
+                buf = torch.empty(max(nbytes, 8), dtype=torch.uint8, device=device)
+            self._bufs[device, slot] = buf
+        return buf[:nbytes].view(dtype)
+
+
+_SCRATCH = _Scratch()
+
+
+def position_bits(key: int, start: int, numel: int, device: torch.device | str) -> torch.Tensor:
+    """(numel,) int32: 32 uniform bits for each position ``start .. start + numel - 1``.
+
+    Position ``i`` takes word ``i`` of :func:`l2l.z.counter_bits`'s stream ``key`` viewed as
+    int32 (the low then the high half of each 64-bit output): a pure function of ``(key, i)``,
+    the same on every device. A scratch buffer, overwritten by the next call: use it at once.
+    """
+    device = torch.device(device)
+    first, stop = start // 2, (start + numel + 1) // 2
+    out = _SCRATCH.get(0, stop - first, torch.int64, device)
+    words = zdef.counter_bits(key, first, stop - first, device, out=out).view(torch.int32)
+    return words[start - 2 * first : start - 2 * first + numel]
+
+
+def _below_(m: torch.Tensor, bound: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = all ones where the non-negative integers ``m`` are below ``bound``, else 0."""
+    torch.sub(m, bound, out=out)
+    return out.bitwise_right_shift_(8 * out.element_size() - 1)  # arithmetic: the sign
+
+
+def _round_bits(dest: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, complement: bool):
+    """Add ``drop`` random bits to ``|x|``'s bit pattern and truncate them; ``x`` is overwritten.
+
+    In a binade the storage's values are the inputs whose low ``drop`` bits are zero, and the
+    pattern is linear in the value: truncating ``pattern + r`` rounds ``|x|`` up with
+    probability (low bits) / 2^drop. The carry crosses binades and reaches inf's pattern past
+    the largest finite value. Below the storage's smallest normal value ``tiny`` its spacing is
+    fixed: there ``|x| + tiny`` (one binade up, the same spacing) is rounded, and ``tiny`` taken
+    off. In-place integer ops on scratch buffers throughout (masks from sign bits).
+    """
+    _, idt, drop, tiny = _TARGETS[dest.dtype]
+    sign_bit, inf, qnan = _PATTERNS[idt]
+    mask = (1 << drop) - 1
+    r = bits.bitwise_and_(mask)
+    if complement:
+        r.bitwise_xor_(mask)
+    m = x.view(idt).view(-1)
+    sign, t = (_SCRATCH.get(slot, m.numel(), idt, m.device) for slot in (1, 2))
+    torch.bitwise_and(m, sign_bit, out=sign)
+    m.bitwise_xor_(sign)  # |x|
+    # NaN (above inf's pattern) -> the quiet NaN, whose payload survives the carry
+    m.bitwise_or_(_below_(m, inf + 1, t).bitwise_not_().bitwise_and_(qnan)).clamp_(max=qnan)
+    if tiny is not None:
+        tiny_bits = _pattern(tiny, idt)
+        offset = _below_(m, tiny_bits, t).bitwise_and_(tiny_bits).view(x.dtype)
+        # rounded to the input's precision: off by at most 2^-14 (float16) or 2^-30 (float32)
+        # of the subnormal spacing
+        x.view(-1).add_(offset)
+    m.add_(r).bitwise_and_(~mask)
+    if tiny is not None:
+        x.view(-1).sub_(offset)  # exact (Sterbenz)
+    m.bitwise_or_(sign)
+    dest.copy_(x.view(dest.shape))  # exact: a value of the storage dtype (or beyond: inf)
+
+
+def round_into(
+    dest: torch.Tensor,
+    x: torch.Tensor,
+    key: int,
+    *,
+    start: int = 0,
+    rounding: str = "stochastic",
+    complement: bool = False,
+) -> None:
+    """Write ``x`` rounded to ``dest``'s dtype into ``dest`` (same shape); ``x`` is overwritten.
+
+    ``x`` is float32 for a bfloat16/float16 ``dest`` and float64 for a float32 one, contiguous.
+    Its element ``i`` (row-major) uses the bits of position ``start + i`` under ``key``: with
+    ``start`` the position of ``x``'s first element in its block, any piece of a block rounds as
+    it would in the whole.
+    ``complement`` uses the complement of every element's random bits: if ``t1 = round(t0 + d)``,
+    rounding
+    ``t1 - d`` with the same key and ``complement`` gives back ``t0`` exactly whenever ``t0``,
+    ``t0 + d``, ``t1`` and ``t1 - d`` share a binade (the meta-training undo builds on it).
+    """
+    if dest.shape != x.shape:
+        raise ValueError(f"shapes differ: dest {tuple(dest.shape)}, x {tuple(x.shape)}")
+    if rounding == "nearest":
+        dest.copy_(x)
+        return
+    check_rounding(rounding)
+    if dest.dtype not in _TARGETS:
+        raise TypeError(
+            f"stochastic rounding targets bfloat16, float16 or float32, not {dest.dtype}"
+        )
+    wanted = _TARGETS[dest.dtype][0]
+    if x.dtype != wanted or not x.is_contiguous():
+        raise TypeError(
+            f"stochastic rounding into {dest.dtype} takes a contiguous {wanted} input, got a "
+            f"{'' if x.is_contiguous() else 'non-contiguous '}{x.dtype} tensor"
+        )
+    _round_bits(dest, x, position_bits(key, start, x.numel(), x.device), complement)
