@@ -285,6 +285,25 @@ def _report(results: dict) -> None:
     Console().print(table)
 
 
+def _push(cfg: FinetuneConfig, results: dict) -> None:
+    """Upload the finished run (trajectory, results, card) to ``--push_to_hub``."""
+    from l2l.finetuned import push_finetuned
+
+    try:
+        url = push_finetuned(
+            cfg.output_dir, cfg.push_to_hub, weights_sha256=results["weights_sha256"]
+        )
+    except Exception as err:  # unreachable Hub (an httpx error), no token, no permission, ...
+        text = str(err).strip().splitlines()
+        first = f"{type(err).__name__}: {text[0] if text else ''}"
+        raise UsageError(
+            f"the run finished and is saved in {cfg.output_dir}, but --push_to_hub "
+            f"{cfg.push_to_hub} failed ({first}); push it later with "
+            f"l2l.finetuned.push_finetuned({str(cfg.output_dir)!r}, {cfg.push_to_hub!r})"
+        ) from err
+    print(f"pushed to {url}")
+
+
 def interrupt_line(run, cfg: FinetuneConfig | None) -> str:
     """What an interrupt leaves in --output, truthfully."""
     where = cfg.output_dir if cfg else "--output"
@@ -323,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.rank == 0:
             _report(results)
             print(f"results in {cfg.output_dir / 'results.json'}")
+            if cfg.push_to_hub:
+                _push(cfg, results)
         return 0
 
     return run_command(PROG, body, lambda: interrupt_line(state["run"], state["cfg"]))

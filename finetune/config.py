@@ -125,6 +125,9 @@ class OutputArgs:
     """save progress every N steps (0: only at the end and on an interrupt)"""
     progress: bool = True
     """show a progress bar"""
+    push_to_hub: str | None = None
+    """Hub repo (USER/REPO) to upload the finished fine-tune to as kilobytes: trajectory.json,
+    results.json and a model card with the weights' sha256 (l2l replay REPO rebuilds them)"""
 
 
 @dataclass
@@ -189,12 +192,13 @@ RULES: dict[str, tuple[Any, str]] = {
     "num_nodes": (_at_least(1), "an integer >= 1"),
     "devices": (_devices, "a count >= 1, -1 (all), auto, or a device list such as 0,1"),
     "output": (lambda v: bool(str(v).strip()), "a folder path"),
+    "push_to_hub": (lambda v: v is None or str(v).count("/") == 1, "a repo id USER/REPO"),
 }
 
 #: Settings that may differ on ``--resume``: they do not change what the run computes.
 RESUME_MAY_CHANGE = (
     "output", "resume", "overwrite", "steps", "checkpoint_every", "save_model", "progress",
-    "trust_remote_code", "force_download",
+    "trust_remote_code", "force_download", "push_to_hub",
 )  # fmt: skip
 
 

@@ -316,6 +316,11 @@ class Run:
             self.results["replicas_identical"] = replicas_identical(
                 self.fabric, self.opt.blocks.params
             )
+        from l2l.finetuned import weights_sha256
+        from llm.ids import base_model_id
+
+        self.results["base_model"] = base_model_id(cfg.model, self.model)
+        self.results["weights_sha256"] = weights_sha256(self.model)  # what replay must rebuild
         if cfg.save_model:
             self.phase = "model"
             self._save_model_or_fail()

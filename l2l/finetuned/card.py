@@ -65,7 +65,7 @@ def render_card(info: FinetuneInfo) -> str:
         **_tuner(info),
         "task": info.task,
         "objective": info.objective,
-        "peft": info.peft,
+        "peft": info.peft or "none (all trainable weights)",
         "steps": info.steps,
         "trained with": info.trainer,
         "method settings": info.trajectory.get("hparams"),

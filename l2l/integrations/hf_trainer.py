@@ -3,8 +3,9 @@
     from l2l.integrations.hf_trainer import ZOTrainer as Trainer
     from l2l.integrations.hf_trainer import ZOTrainingArguments as TrainingArguments
 
-:class:`ZOTrainer` overrides two hooks and keeps the Trainer's loop (data, schedule, logging,
-evaluation, checkpoints, callbacks):
+:class:`ZOTrainer` overrides two hooks of the Trainer's loop and keeps the rest of it (data,
+schedule, logging, evaluation, checkpoints, callbacks); ``compute_loss`` adds the candidate
+objectives of :mod:`l2l.integrations.objectives`, ``log`` and ``train`` the ZO outputs.
 
 * ``create_optimizer`` builds the ZO method of ``args.zo_method`` over the model's trainable
   parameters (the adapters of a peft model) and hands the Trainer a :class:`ZOStep`: its
@@ -17,6 +18,10 @@ evaluation, checkpoints, callbacks):
   the micro-batches of one optimizer step are kept (their inputs only) and measured together
   under the same ``z``: the step's loss is their mean, so the projected gradient is the mean of
   the micro-batches' projected gradients. The Trainer's own ``optimizer.step()`` is then a no-op.
+
+Data parallel (DDP, e.g. ``torchrun --nproc_per_node N``): every rank draws the same ``z`` and
+the step's losses are all-reduced (a few bytes), so every rank applies the same update and the
+step equals one process on the global batch. DeepSpeed and FSDP are refused.
 
 The forwards run in eval mode (no dropout), as MeZO's trainer does: both perturbed losses must
 see the same network. Logs replace ``grad_norm`` (there is none) by ``projected_grad``, the mean
@@ -89,8 +94,21 @@ class ZOStep(torch.optim.Optimizer):
         if saved is not None:
             self._check_resumable(saved)
         self.zo.load_state_dict(state_dict)
+        self._restore_state_dtypes(state_dict)
         if saved is not None:
             self.zo.records = [StepRecord(**r) for r in saved["records"]]
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``Optimizer.load_state_dict`` casts floating state to its parameter's dtype;
+        put each tensor back in the dtype it was saved in (LOZO's V and N, HiZOO's H are
+        float32 next to bfloat16 weights)."""
+        ids = state_dict["param_groups"][0]["params"]
+        by_id = dict(zip(ids, self.zo.param_groups[0]["params"], strict=True))
+        for index, values in state_dict["state"].items():
+            param = by_id[index]
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.zo.state[param][key] = value.to(param.device)
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         now = zo_trajectory(self.zo).to_dict()

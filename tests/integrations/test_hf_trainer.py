@@ -317,3 +317,40 @@ def test_candidate_objective_names_the_missing_keys(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, zo_objective="classification", max_steps=1)
     with pytest.raises(ValueError, match="candidate_slots, candidate_correct"):
         trainer.train()
+
+
+def test_resume_keeps_float32_state_of_a_bfloat16_model(tmp_path: Path) -> None:
+    """LOZO-M keeps V and its momentum N in float32 next to bfloat16 weights; torch's
+    Optimizer.load_state_dict alone would cast them to the weights' dtype."""
+    settings = dict(zo_method="lozo-m", zo_nu=3, max_steps=4, save_strategy="steps", save_steps=2)
+    straight = make_trainer(tmp_path / "a", model=tiny_lm(dtype=torch.bfloat16), **settings)
+    straight.train()
+    again = make_trainer(tmp_path / "a", model=tiny_lm(dtype=torch.bfloat16), **settings)
+    again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    state = again.zo_optimizer.state
+    kept = {t.dtype for s in state.values() for k, t in s.items() if k in ("v", "n")}
+    assert kept == {torch.float32}
+    assert same_bits(snapshot(again.model), snapshot(straight.model))
+
+
+def test_a_tuner_folder_scales_every_block(tmp_path: Path) -> None:
+    from l2l.blocks import ParamBlocks
+    from l2l.tuner import Tuner, TunerMismatchError
+
+    tuner = Tuner.for_blocks(ParamBlocks.from_module(tiny_lm()), "l2l/tiny-llama")
+    tuner.save_pretrained(tmp_path / "tuner")
+    trainer = make_trainer(tmp_path / "run", max_steps=3, zo_tuner=str(tmp_path / "tuner"))
+    trainer.train()
+    records = trainer.zo_optimizer.records
+    assert all(
+        r.scales is not None and len(r.scales) == len(tuner.config.block_names) for r in records
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["tuner"]["fingerprint"] == tuner.config.fingerprint
+    rebuilt = tiny_lm()
+    replay(rebuilt, Trajectory.load(tmp_path / "run" / "trajectory.json"))
+    assert weights_sha256(rebuilt) == results["weights_sha256"]
+
+    other = make_trainer(tmp_path / "opt", model=tiny_lm("opt"), zo_tuner=str(tmp_path / "tuner"))
+    with pytest.raises(TunerMismatchError, match="does not fit this model"):
+        other.train()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import free_port
 from test_hf_trainer import make_trainer
 
 pytestmark = pytest.mark.distributed
@@ -25,7 +26,7 @@ def run_ranks(output: Path) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     proc = subprocess.Popen(
-        [*command, "--master_port", "0", str(WORKER), str(output)],
+        [*command, "--master_port", str(free_port()), str(WORKER), str(output)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -35,8 +36,12 @@ def run_ranks(output: Path) -> list[dict]:
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
+        proc.terminate()  # torchrun passes SIGTERM on to the ranks, which run in their own groups
+        try:
+            log, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
         pytest.fail(f"the two ranks did not finish in {TIMEOUT_S} s:\n{log[-4000:]}")
     assert proc.returncode == 0, log[-4000:]
     return [json.loads((output / f"rank{r}.json").read_text()) for r in (0, 1)]
