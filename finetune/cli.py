@@ -42,6 +42,7 @@ from finetune.config import (
     allowed,
     resolve,
 )
+from finetune.metrics import make_loggers
 from llm.cli import (
     HelpFormatter,
     UsageError,
@@ -130,6 +131,7 @@ def _fabric(cfg: FinetuneConfig):
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision="32-true",
+        loggers=make_loggers(cfg),
     )
     fabric.launch()
     return fabric

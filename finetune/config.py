@@ -81,6 +81,10 @@ class OptimArgs:
     """optimizer steps (with --resume: the total, so a larger value extends a run)"""
     lr: float | None = None
     """learning rate; none: the tuner's registry recommendation, else 1e-6"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning rate over the steps after warmup: constant, linear decay to 0, or cosine to 0"""
+    warmup_steps: int = 0
+    """steps of linear warmup from 0 to --lr"""
     eps: float | None = None
     """perturbation scale epsilon; none: the eps the tuner was meta-trained with, else 1e-3"""
     normalize: bool | None = None
@@ -125,6 +129,12 @@ class OutputArgs:
     """save progress every N steps (0: only at the end and on an interrupt)"""
     progress: bool = True
     """show a progress bar"""
+    logger: Literal["csv", "tensorboard", "wandb", "none"] = "csv"
+    """where the per-step metrics go (Lightning's loggers), under --output/logs: csv,
+    tensorboard or wandb (when installed), or none"""
+    log_every: int = 10
+    """log train loss, lr, projected gradient and steps/s every N steps; without a progress bar
+    (--no_progress, or stdout not a terminal) also print them as a line"""
     push_to_hub: str | None = None
     """Hub repo (USER/REPO) to upload the finished fine-tune to as kilobytes: trajectory.json,
     results.json and a model card with the weights' sha256 (l2l replay REPO rebuilds them)"""
@@ -177,6 +187,8 @@ RULES: dict[str, tuple[Any, str]] = {
     ),
     "lora_r": (_at_least(1), "an integer >= 1"),
     "steps": (_at_least(1), "an integer >= 1"),
+    "warmup_steps": (_at_least(0), "an integer >= 0"),
+    "log_every": (_at_least(1), "an integer >= 1"),
     "lr": (lambda v: v is None or (_is_number(v) and v > 0), "a finite number > 0"),
     "eps": (lambda v: v is None or (_is_number(v) and v > 0), "a finite number > 0"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
@@ -198,7 +210,7 @@ RULES: dict[str, tuple[Any, str]] = {
 #: Settings that may differ on ``--resume``: they do not change what the run computes.
 RESUME_MAY_CHANGE = (
     "output", "resume", "overwrite", "steps", "checkpoint_every", "save_model", "progress",
-    "trust_remote_code", "force_download", "push_to_hub",
+    "trust_remote_code", "force_download", "push_to_hub", "logger", "log_every",
 )  # fmt: skip
 
 
@@ -274,8 +286,11 @@ class FinetuneConfig(DeviceArgs, OutputArgs, OptimArgs, ModelArgs):
             )
         if self.peft and self.uses_tuner:
             raise UsageError(
-                "--peft lora trains adapters, but a tuner scales the full-weight blocks it was "
-                "meta-trained on: use --tuner none with --peft"
+                "--peft lora trains adapters, but a tuner predicts one scale per full-weight "
+                "block from that block's own statistics and the blocks it was meta-trained on; "
+                "LoRA blocks (A, B) are other tensors, starting at zero (B) with other shapes, "
+                "so the tuner has no entry for them and its scales would not transfer: use "
+                "--tuner none with --peft"
             )
         if self.resume and self.overwrite:
             raise UsageError(

@@ -22,7 +22,8 @@ from l2l.io import write_json as _write_json
 from llm.cli import UsageError
 
 RESULTS, TRAJECTORY, STATE, MODEL_DIR = "results.json", "trajectory.json", "state.json", "model"
-RUN_FILES = (RESULTS, TRAJECTORY, STATE, MODEL_DIR)
+LOGS_DIR = "logs"  # the loggers' files (--logger)
+RUN_FILES = (RESULTS, TRAJECTORY, STATE, MODEL_DIR, LOGS_DIR)
 #: Bytes the write probe writes and fsyncs: a full disk fails there, not after the training.
 PROBE_BYTES = 64 * 1024
 # how writers that are not Python file objects (safetensors' Rust writer) report a full disk

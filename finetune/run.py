@@ -50,6 +50,7 @@ from finetune.io import (
     read_json,
     write_json,
 )
+from finetune.metrics import lr_at, print_line, shows_bar
 from finetune.parallel import LossAllReduce, replicas_identical
 from l2l import NonFiniteLossError, Trajectory, apply_records
 from l2l.io import atomic_directory
@@ -220,6 +221,9 @@ class Run:
         and learns whether rank 0 succeeded, so a full disk stops all ranks, not just rank 0."""
         self._on_rank0(lambda: self._write(status), collective)
         self.saved_steps = self.opt.step_count
+        if self.fabric is not None and self.rank == 0:
+            for logger in self.fabric.loggers:  # the logged metrics reach disk with the state
+                logger.save()
 
     def _on_rank0(self, write, collective: bool) -> None:
         error = None
@@ -373,7 +377,7 @@ class Run:
             TextColumn("{task.fields[rate]:.2f} steps/s"),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns, disable=not self.progress or self.rank != 0) as bar:
+        with Progress(*columns, disable=not shows_bar(self.progress) or self.rank != 0) as bar:
             job = bar.add_task(
                 f"{cfg.method} on {self.task.name}",
                 total=cfg.steps,
@@ -382,16 +386,39 @@ class Run:
                 rate=0.0,
             )
             for step in range(start_step, cfg.steps):
+                self.opt.param_groups[0]["lr"] = lr_at(step, cfg)
                 loss = float(self.opt.step(self.closure_for(step)))
                 self.results["train_loss"].append(loss)
                 rate = (step + 1 - start_step) / (time.perf_counter() - t0)
                 bar.update(job, advance=1, loss=loss, rate=rate)
+                self._log(step + 1, loss, rate)
                 self._maybe_eval_and_save(step + 1)
+
+    def _log(self, done: int, loss: float, rate: float) -> None:
+        """Train loss, lr, projected gradient and steps/s to the loggers every --log_every
+        steps (and as a plain line when no progress bar is shown)."""
+        cfg = self.cfg
+        if done % cfg.log_every and done != cfg.steps:
+            return
+        record = self.opt.records[-1] if self.opt.records else None
+        metrics = dict(train_loss=loss, lr=self.opt.param_groups[0]["lr"], steps_per_s=rate)
+        if record is not None:
+            metrics["projected_grad"] = record.grad
+        if self.fabric is not None:
+            self.fabric.log_dict(metrics, step=done)
+        if self.rank == 0 and not shows_bar(self.progress):
+            print_line(done, cfg.steps, metrics)
 
     def _maybe_eval_and_save(self, done: int) -> None:
         cfg = self.cfg
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             self.results["evals"].append(dict(self.evaluate("dev"), step=done))  # every rank
+            if self.fabric is not None:
+                numbers = {k: v for k, v in self.results["evals"][-1].items() if k != "step"}
+                self.fabric.log_dict(
+                    {f"dev_{k}": v for k, v in numbers.items() if isinstance(v, int | float)},
+                    step=done,
+                )
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             self.save("running")
 

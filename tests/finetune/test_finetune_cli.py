@@ -366,3 +366,25 @@ def test_peft_lora_trains_only_the_adapters(task_file, tuner_dir, tmp_path, caps
     argv = args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", str(tuner_dir))
     assert "use --tuner none with --peft" in run_failing(argv, capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_logger_csv_writes_metrics_and_the_schedule_reaches_the_records(tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "run"
+    argv = finetune_argv("tweets", out, "--model", "tiny-llama", steps=6)
+    argv += ["--lr", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "2"]
+    argv += ["--log_every", "2", "--logger", "csv", "--no_progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "step 2/6 train_loss" in printed and "step 6/6" in printed  # plain lines, no bar
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert {"train_loss", "lr", "projected_grad", "steps_per_s"} <= rows[0].keys()
+    lrs = [r["lr"] for r in json.loads((out / "trajectory.json").read_text())["records"]]
+    # warmup 1/3, 2/3 of lr, then cosine from lr down over the remaining 4 steps
+    expected = [1e-3 / 3, 2e-3 / 3] + [
+        1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)
+    ]
+    assert lrs == pytest.approx(expected)
+    assert float(rows[0]["lr"]) == pytest.approx(expected[1])
