@@ -19,6 +19,18 @@ def l2l_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread (for modules of width-32 models: thread start-up costs more than it
+    saves, and CI cores are shared); use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     """A fresh ``(model, tokenizer)`` for the built-in ``tiny-llama`` (same weights every time)."""

@@ -28,6 +28,8 @@ from l2l.tuner import Tuner
 from llm.models import load_model
 from tuner_zoo.resolve import register_local
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METHODS = ("mezo", "hizoo", "lozo", "lozo-m")
 STEPS = 3
 
@@ -49,15 +51,6 @@ def tuner_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tuner") / "tiny-llama-tuner"
     tuner.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-32 models: thread start-up costs more than it saves, and CI cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import finetune_argv, write_classification_task
 from hub_server import set_offline
 from safetensors import SafetensorError
@@ -29,6 +28,9 @@ from l2l import Trajectory
 from l2l.blocks import ParamBlocks
 from l2l.tuner import Tuner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TINY = ("--model", "tiny-llama")
 
 
@@ -36,14 +38,6 @@ TINY = ("--model", "tiny-llama")
 def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     set_offline(monkeypatch, True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

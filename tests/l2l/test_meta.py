@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from l2l import ParamBlocks
-from l2l.scales import block_features
 from l2l.meta import MetaState, meta_step
+from l2l.scales import block_features
 from l2l.z import gaussian_block
 
 
@@ -44,8 +44,8 @@ def test_meta_gradient_matches_finite_differences():
     lr_update, seed = 0.5, 123
     theta0 = [p.detach().clone() for p in blocks.params]
     out = meta_step(model, blocks, tuner, loss_fn, state, seed=seed, eps=1e-3, lr_update=lr_update)
-    for p, t in zip(blocks.params, theta0, strict=True):  # model is back at theta0
-        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-12)
+    for p, t in zip(blocks.params, theta0, strict=True):  # model is back at theta0, bit for bit
+        assert torch.equal(p.detach(), t)
     analytic = torch.cat([tuner.w.grad, tuner.b0.grad.reshape(1)])
     nf = out.nf
     features = block_features(blocks, (5.0, 5.1), state.sigma)

@@ -222,6 +222,15 @@ def test_nearest_is_recorded_and_replayed():
     assert not same_bits(snapshot(other), snapshot(model))
 
 
+def test_non_contiguous_half_parameter_takes_the_same_update():
+    w = torch.randn(64, 48, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
+    strided, dense = nn.Parameter(w.T.contiguous().T), nn.Parameter(w.clone())  # same values
+    assert not strided.is_contiguous()
+    for p in (strided, dense):
+        ZOSGD([p], lr=1e-4)._apply(StepRecord(step=0, seed=2, grad=1.0, lr=1e-4, weight_decay=0))
+    assert torch.equal(strided, dense) and not torch.equal(dense, w)
+
+
 def test_bad_rounding_is_refused():
     with pytest.raises(ValueError, match="rounding must be one of"):
         ZOSGD(linear_model(torch.float32), rounding="up")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import isolated_home
+from helpers import isolated_home, write_classification_task
 from hub_server import HubServer, set_offline
 from safetensors.torch import load_file
 
@@ -26,6 +26,8 @@ from pretrain_tuner.cli import main
 from pretrain_tuner.config import parse
 from tuner_zoo.resolve import resolve_tuner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def finetune(argv: list[str]) -> int:
     from finetune.cli import main
@@ -33,23 +35,9 @@ def finetune(argv: list[str]) -> int:
     return main(argv)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-32 models: thread start-up costs more than it saves, and CI cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
-    with path.open("w") as f:
-        for i in range(40):
-            label = "good" if i % 2 else "bad"
-            f.write(json.dumps({"text": f"Review {i} says it was {label}.", "label": label}) + "\n")
-    return path
+    return write_classification_task(tmp_path_factory.mktemp("task") / "reviews.jsonl", n=40)
 
 
 def pretrain_args(task: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:

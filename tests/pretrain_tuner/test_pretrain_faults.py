@@ -22,29 +22,18 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401 - its log handler binds stderr now, not a test's capsys
 import pytest
 import torch
-from helpers import isolated_home
+from helpers import isolated_home, write_classification_task
 from hub_server import configure_client, free_port, set_offline, skip_retry_waits
 
 import llm.models
 from pretrain_tuner.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def task_file(tmp_path: Path) -> Path:
-    path = tmp_path / "reviews.jsonl"
-    with path.open("w") as f:
-        for i in range(24):
-            label = "good" if i % 2 else "bad"
-            f.write(json.dumps({"text": f"Review {i} says it was {label}.", "label": label}) + "\n")
-    return path
+    return write_classification_task(tmp_path / "reviews.jsonl", n=24)
 
 
 def args(task: Path, out: Path, *extra: str, steps: int = 1) -> list[str]:

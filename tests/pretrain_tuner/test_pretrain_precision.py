@@ -8,11 +8,11 @@ devices get a DDP that tolerates the meta-step's parameters unused by one of its
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_classification_task
 from safetensors.torch import load_file
 
 import l2l.tuner
@@ -27,12 +27,7 @@ from pretrain_tuner.trainer import strategy
 
 @pytest.fixture
 def task_file(tmp_path: Path) -> Path:
-    path = tmp_path / "reviews.jsonl"
-    with path.open("w") as f:
-        for i in range(24):
-            label = "good" if i % 2 else "bad"
-            f.write(json.dumps({"text": f"Review {i} says it was {label}.", "label": label}) + "\n")
-    return path
+    return write_classification_task(tmp_path / "reviews.jsonl", n=24)
 
 
 @pytest.fixture
