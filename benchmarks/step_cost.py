@@ -30,35 +30,23 @@ import time
 
 import torch
 
-SHAPES = {
-    # SmolLM2-135M(-Instruct): 30 layers, width 576, GQA 9/3 heads, vocab 49152, tied embeddings
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        tie_word_embeddings=True,
-    ),
-}
+# the real shapes (llm.shapes) and a tiny Llama for quick checks
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+)  # fmt: skip
+SHAPE_NAMES = ("tiny", "smollm2-135m", "llama-3.2-1b", "opt-13b")
 METHODS = ("reference", "mezo", "hizoo", "lozo", "lozo-m")
 
 
 def build(name: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from llm.shapes import shape_config
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[name]))
+    config = LlamaConfig(**TINY) if name == "tiny" else shape_config(name)
+    model = AutoModelForCausalLM.from_config(config)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -211,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--model", choices=SHAPE_NAMES, default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -6,24 +6,12 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from l2l import ParamBlocks
 from l2l.tuner import Tuner
+from llm.shapes import shape_config
 from tuner_zoo import BUNDLED_DIR, resolve_tuner
-
-# SmolLM2-135M(-Instruct)'s architecture (config.json of the model)
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-)
 
 
 def test_bundled_tuner_matches_smollm2_blocks():
@@ -31,7 +19,7 @@ def test_bundled_tuner_matches_smollm2_blocks():
     assert folder == BUNDLED_DIR / "smollm2-135m"
     tuner = Tuner.load_folder(folder)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2))
+        model = AutoModelForCausalLM.from_config(shape_config("smollm2-135m"))
     blocks = ParamBlocks.from_module(model)
     tuner.check_compatible(blocks, model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
     assert tuner.num_blocks == len(blocks) == 272

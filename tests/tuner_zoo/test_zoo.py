@@ -12,6 +12,7 @@ from torch import nn
 import tuner_zoo.resolve as resolve
 from l2l.blocks import ParamBlocks
 from l2l.tuner import Tuner, TunerFormatError, TunerNotFoundError
+from llm.shapes import shape_config
 from tuner_zoo.cli import main
 from tuner_zoo.import_pth import ReleaseFormatError, convert_release, load_release
 from tuner_zoo.registry import STATUSES, entries_for_model, get_entry, load_registry
@@ -19,18 +20,6 @@ from tuner_zoo.resolve import register_local, resolve_tuner
 
 ANCHOR = Path(__file__).parents[3] / "shared/anchors/zo_fine_tuner/llama1B_finetuner.pth"
 needs_anchor = pytest.mark.skipif(not ANCHOR.is_file(), reason=f"anchor {ANCHOR} absent")
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -184,9 +173,9 @@ def test_import_names_must_match_the_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def llama_1b_blocks() -> ParamBlocks:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_1B))
+        model = transformers.LlamaForCausalLM(shape_config("llama-3.2-1b"))
     return ParamBlocks.from_module(model)
 
 
@@ -209,8 +198,8 @@ def test_import_release_llama_1b(tmp_path: Path, llama_1b_blocks: ParamBlocks) -
 
 @needs_anchor
 def test_cli_import_pth(tmp_path: Path, l2l_home: Path, capsys) -> None:
-    transformers = pytest.importorskip("transformers")
-    transformers.LlamaConfig(**LLAMA_1B).save_pretrained(tmp_path / "cfg")
+    pytest.importorskip("transformers")
+    shape_config("llama-3.2-1b").save_pretrained(tmp_path / "cfg")
     out = tmp_path / "imported"
     argv = ["import-pth", str(ANCHOR), "--model", "meta-llama/Llama-3.2-1B", "--output",
             str(out), "--model_config", str(tmp_path / "cfg" / "config.json"), "--register", "llama-3.2-1b"]  # fmt: skip
