@@ -80,9 +80,9 @@ def count_gaussians() -> list[int]:
     """Count the Gaussian elements ``l2l`` draws (every z chunk goes through ``gaussian_chunk``)."""
     import l2l
     import l2l.methods.reference  # noqa: F401  (imported so that its reference is patched too)
-    from l2l import perturb
+    from l2l import z
 
-    drawn, draw = [0], perturb.gaussian_chunk
+    drawn, draw = [0], z.gaussian_chunk
 
     def counting(step_seed, block, chunk, shape, *a, **kw):
         drawn[0] += torch.Size(shape).numel()

@@ -173,7 +173,7 @@ def test_import_names_must_match_the_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def llama_1b_blocks() -> ParamBlocks:
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(shape_config("llama-3.2-1b"))
     return ParamBlocks.from_module(model)
