@@ -96,10 +96,6 @@ def entries_for_model(model_id: str) -> list[ZooEntry]:
     return [e for e in load_registry().values() if model_id in e.base_models]
 
 
-def entry_for_repo(repo_id: str) -> ZooEntry | None:
-    return next((e for e in load_registry().values() if e.repo_id == repo_id), None)
-
-
 def close_names(name: str, candidates: list[str], n: int = 3) -> list[str]:
     """Up to ``n`` names of ``candidates`` that look like ``name`` (difflib)."""
     lowered = {c.lower(): c for c in candidates}
