@@ -4,7 +4,8 @@ ZOSGD never stores z, so every step draws it three times (two forwards and the u
 computes z from (step seed, block, element) in plain torch ops, the same bits on every device
 (SplitMix64 + Box-Muller from IEEE basic operations); before it, ``l2l`` drew each z chunk with
 ``normal_`` from a seeded ``torch.Generator``, whose numbers depend on the device. This script
-times, interleaved round by round so that a busy machine slows every row alike:
+times, interleaved round by round so that a busy machine slows every row alike (best of the
+rounds):
 
 * ``torch normal_``: that former sampler (a generator re-seeded per chunk, a reused buffer);
 * ``l2l.z.gaussian``: one transient chunk, with torch's intra-op threads and with one thread
@@ -13,8 +14,9 @@ times, interleaved round by round so that a busy machine slows every row alike:
   small blocks are remembered, larger ones computed again);
 * ``l2l.z.counter_bits``: the uniform bits of stochastic rounding (time per 32-bit word).
 
-Rows give ns per number for ``--elements`` numbers per call, and microseconds per call for a
-small block (``--small`` elements, e.g. a norm's weight) where the per-op overhead dominates.
+Rows give ns per number for ``--elements`` numbers per call (wall time, and the process's CPU
+time, which a busy machine inflates less), and microseconds per call for a small block
+(``--small`` elements, e.g. a norm's weight) where the per-op overhead dominates.
 With ``--step-cost`` (a ``step_cost.py --json`` result) it also prints the time per number that
 ZOSGD's ratio of 1.10 would need if drawing were the step's only overhead.
 
@@ -28,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -70,27 +71,33 @@ def candidates(default_threads: int) -> dict[str, tuple[Draw, int | None]]:
         half = (numel + 1) // 2
         return zdef.counter_bits(k, 0, half, "cpu", out=words[:half])
 
-    return {
-        "torch normal_ (former z)": (torch_normal, None),
-        f"l2l.z.gaussian, {default_threads} threads": (counter(0), None),
+    return {  # single-threaded rows first: a row after a multi-threaded one shares the cores
+        "torch normal_ (former z)": (torch_normal, None),  # one thread whatever the setting
         "l2l.z.gaussian, 1 thread": (counter(1), 1),
+        f"l2l.z.gaussian, {default_threads} threads": (counter(0), None),
         "l2l.z.gaussian, a repeat": (counter(1), None),  # small draws: remembered
         f"l2l.z.counter_bits, {default_threads} threads": (bits, None),
     }
 
 
-def measure(rows, numel: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each row, the rows interleaved within every round."""
-    times: dict[str, list[float]] = {name: [] for name in rows}
+def measure(rows, numel: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (as ``timeit``) wall and process-CPU seconds per call of each row over the rounds, the
+    rows interleaved within every round: on a shared machine the best round is the one least
+    disturbed by other processes. CPU time counts all threads of this process."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for k in range(repeats + 1):
+        time.sleep(0.1)  # idle OpenMP workers of the last round stop spinning
         for name, (draw, n_threads) in rows.items():
             with threads(n_threads):
-                t = time.perf_counter()
+                draw(numel, k + 10**6)  # untimed, another key: wakes threads and caches up
+                cpu = time.process_time()  # a system call: outside the wall-clock interval
+                wall = time.perf_counter()
                 draw(numel, k)
-                elapsed = time.perf_counter() - t
+                wall = time.perf_counter() - wall
+                elapsed = (wall, time.process_time() - cpu)
             if k:  # the first round warms buffers up
                 times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: tuple(min(t[j] for t in ts) for j in range(2)) for name, ts in times.items()}
 
 
 def machine() -> str:
@@ -123,16 +130,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = candidates(default_threads)
     large = measure(rows, args.elements, args.repeats)
     small = measure(rows, args.small, args.repeats)
-    base = large["torch normal_ (former z)"]
-    small_base = small["torch normal_ (former z)"]
+    base, small_base = large["torch normal_ (former z)"], small["torch normal_ (former z)"]
     print(
-        f"{'sampler':34s} {'ns/number':>10s} {'x normal_':>10s} "
-        f"{'us/call, ' + str(args.small):>15s} {'x normal_':>10s}"
+        f"{'sampler':34s} {'ns/number':>10s} {'x normal_':>10s} {'cpu ns':>8s} {'x normal_':>10s}"
+        f" {'us/call, ' + str(args.small):>15s} {'x normal_':>10s}"
     )
     for name in rows:
+        (wall, cpu), (small_wall, _) = large[name], small[name]
         print(
-            f"{name:34s} {large[name] / args.elements * 1e9:10.2f} {large[name] / base:10.2f} "
-            f"{small[name] * 1e6:15.1f} {small[name] / small_base:10.2f}"
+            f"{name:34s} {wall / args.elements * 1e9:10.2f} {wall / base[0]:10.2f} "
+            f"{cpu / args.elements * 1e9:8.2f} {cpu / base[1]:10.2f} "
+            f"{small_wall * 1e6:15.1f} {small_wall / small_base[0]:10.2f}"
         )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.step_cost:

@@ -3,7 +3,8 @@
 A save records, next to the optimizer's small state (``state.json``, see :mod:`finetune.run`),
 
 * the run's *identity*: the SHA-256 of the tuner's weights, of the task's examples (every split,
-  in order) and the device type (z is drawn from the device's generator);
+  in order) and the generator of z (a pure function of seed, block and element, the same on
+  every device);
 * how many trajectory records it covers and their SHA-256.
 
 :func:`check_resume` refuses, with a message that names what differs, a changed setting (all of
@@ -31,7 +32,7 @@ from llm.cli import UsageError
 IDENTITY_KEYS = {
     "tuner_sha256": "the tuner's weights",
     "data_sha256": "the task's examples (the data file or the task's source changed)",
-    "device_type": "the device type (z is drawn from the device's random generator)",
+    "z_generator": "the generator of z (another l2l version draws other directions)",
 }
 
 

@@ -43,6 +43,7 @@ from finetune.config import (
     resolve,
 )
 from finetune.metrics import make_loggers
+from l2l.z import GENERATOR
 from llm.cli import (
     HelpFormatter,
     UsageError,
@@ -250,7 +251,7 @@ def setup(cfg: FinetuneConfig):
     identity = dict(
         tuner_sha256=tensors_digest(tuner),
         data_sha256=data_digest(task),
-        device_type=fabric.device.type,
+        z_generator=GENERATOR,
     )
     run = Run(
         cfg, model, tokenizer, task, opt, output, fabric=fabric, progress=cfg.progress,
