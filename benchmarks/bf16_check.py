@@ -94,33 +94,46 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
 
-    import torch
-
-    runs = {}
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             runs[name] = run_variant(name, args, Path(tmp))
+            write(args, runs)  # after every run: a long job keeps what it finished
+    for name, row in summarise(runs).items():
+        print(
+            f"{name:18s} after - float32 after = {row['minus_float32']:+.3f} "
+            f"(one s.e. {row['binomial_se']:.3f})"
+        )
+    print(f"wrote {args.out}")
+
+
+def summarise(runs: dict[str, dict]) -> dict[str, dict]:
+    """Each run's final accuracy against float32's, and the binomial s.e. of an accuracy."""
+    if "float32" not in runs:
+        return {}
+    ref = runs["float32"]["accuracy_after"]
     summary = {}
-    if "float32" in runs:
-        ref = runs["float32"]["accuracy_after"]
-        for name, r in runs.items():
-            p, n = r["accuracy_after"], r["n_test"]
-            se = math.sqrt(max(p * (1 - p), 1e-12) / n)
-            summary[name] = dict(
-                minus_float32=round(p - ref, 4),
-                gain_over_zero_shot=round(p - r["accuracy_before"], 4),
-                binomial_se=round(se, 4),
-            )
-            print(f"{name:18s} after - float32 after = {p - ref:+.3f} (one s.e. {se:.3f})")
+    for name, r in runs.items():
+        p, n = r["accuracy_after"], r["n_test"]
+        summary[name] = dict(
+            minus_float32=round(p - ref, 4),
+            gain_over_zero_shot=round(p - r["accuracy_before"], 4),
+            binomial_se=round(math.sqrt(max(p * (1 - p), 1e-12) / n), 4),
+        )
+    return summary
+
+
+def write(args: argparse.Namespace, runs: dict[str, dict]) -> None:
+    import torch
+
     result = dict(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         runs=runs,
-        summary=summary,
+        summary=summarise(runs),
         machine=dict(platform=platform.platform(), torch=torch.__version__),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks
 from l2l.perturb import Perturber
-from l2l.rounding import SALT_SHIFT, check_rounding, round_into, rounding_key
+from l2l.rounding import SALT_SHIFT, check_rounding, round_into, rounding_key, upcast
 from l2l.scales import block_features, normalisation
 from l2l.shards import all_reduce_sum, is_sharded, local_chunks, shard_group
 from l2l.z import chunk_start, param_chunk_z
@@ -79,7 +79,12 @@ def _moved(
         return torch.add(t, z.to(t.dtype), alpha=alpha)
     out = torch.empty_like(t)
     round_into(
-        out, t.float().add_(z, alpha=alpha), key, start=start, rounding=rounding, complement=back
+        out,
+        upcast(t, torch.float32).add_(z, alpha=alpha),
+        key,
+        start=start,
+        rounding=rounding,
+        complement=back,
     )
     return out
 

@@ -14,7 +14,7 @@ each other (:data:`SALT_UPDATE`, :data:`SALT_HESSIAN`, :data:`SALT_SHIFT`).
 
 Targets and inputs: bfloat16 and float16 from float32, float32 from float64. Per element:
 
-* a representable ``x`` (and ``+-0``, ``+-inf``, NaN) is returned unchanged;
+* a representable ``x`` (``+-0`` and ``+-inf`` included) is returned unchanged, NaN as NaN;
 * otherwise the result is the neighbour toward zero ``lo`` or away from zero ``hi`` with
   ``P(hi) = (|x| - |lo|) / (|hi| - |lo|)``, the sign of ``x`` kept (subnormals included);
 * beyond the largest finite value ``M`` the next value is ``inf`` at distance one ulp, i.e. as if
@@ -60,6 +60,11 @@ _PATTERNS = {
 def _pattern(value: float, idt: torch.dtype) -> int:
     fdt = torch.float32 if idt == torch.int32 else torch.float64
     return int(torch.tensor(value, dtype=fdt).view(idt))
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``dtype`` copy of ``t``: the input :func:`round_into` takes."""
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def rounding_key(step_seed: int, block: int, salt: int) -> int:
@@ -133,7 +138,7 @@ def _round_bits(dest: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, complem
     sign, t = (_SCRATCH.get(slot, m.numel(), idt, m.device) for slot in (1, 2))
     torch.bitwise_and(m, sign_bit, out=sign)
     m.bitwise_xor_(sign)  # |x|
-    # NaN (above inf's pattern) -> the quiet NaN, whose payload survives the carry
+    # NaN (above inf's pattern) -> the quiet NaN: the added bits cannot carry it out of NaN
     m.bitwise_or_(_below_(m, inf + 1, t).bitwise_not_().bitwise_and_(qnan)).clamp_(max=qnan)
     if tiny is not None:
         tiny_bits = _pattern(tiny, idt)
@@ -164,9 +169,9 @@ def round_into(
     ``start`` the position of ``x``'s first element in its block, any piece of a block rounds as
     it would in the whole.
     ``complement`` uses the complement of every element's random bits: if ``t1 = round(t0 + d)``,
-    rounding
-    ``t1 - d`` with the same key and ``complement`` gives back ``t0`` exactly whenever ``t0``,
-    ``t0 + d``, ``t1`` and ``t1 - d`` share a binade (the meta-training undo builds on it).
+    rounding ``t1 - d`` with the same key and ``complement`` gives back ``t0`` exactly whenever
+    ``t0``, ``t0 + d``, ``t1`` and ``t1 - d`` share a binade (the meta-training undo builds on
+    it).
     """
     if dest.shape != x.shape:
         raise ValueError(f"shapes differ: dest {tuple(dest.shape)}, x {tuple(x.shape)}")

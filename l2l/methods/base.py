@@ -24,7 +24,7 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, is_no_decay
 from l2l.perturb import Perturber
-from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key
+from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key, upcast
 from l2l.scales import block_features, normalisation
 from l2l.z import chunk_start, chunk_view, mix_seed, row_chunks
 
@@ -322,7 +322,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             for c, (r0, r1) in enumerate(row_chunks(p.shape)):
                 view = chunk_view(p.data, r0, r1)
-                new = view if view.dtype in (torch.float32, torch.float64) else view.float()
+                in_place = view.dtype in (torch.float32, torch.float64)
+                new = view if in_place else upcast(view, torch.float32)
                 if decay:
                     new.mul_(1.0 - decay)
                 lowrank = factors(b, c) if factors is not None and coeff else None
@@ -331,7 +332,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     new.addmm_(a, bt.T, alpha=-coeff)
                 elif coeff:
                     new.add_(direction(b, c), alpha=-coeff)
-                if new.data_ptr() != view.data_ptr():
+                if not in_place:
                     key = rounding_key(record.seed, b, SALT_UPDATE)
                     start = chunk_start(p.shape, c)
                     round_into(view, new, key, start=start, rounding=self.group["rounding"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
-from l2l.rounding import SALT_HESSIAN, round_into, rounding_key
+from l2l.rounding import SALT_HESSIAN, round_into, rounding_key, upcast
 from l2l.z import chunk_start, chunk_view, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
@@ -106,6 +106,6 @@ class HiZOO(ZOOptimizer):
                     continue
                 # in float64, rounded stochastically into float32: a step alpha |h_hat - H| far
                 # below H's spacing (alpha = 1e-8 against 6e-8 at H = 1) moves H in expectation
-                h64 = h.double().mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
+                h64 = upcast(h, torch.float64).mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
                 key = rounding_key(record.seed, b, SALT_HESSIAN)
                 round_into(h, h64.clamp_(min=_H_FLOOR), key, start=chunk_start(p.shape, c))
