@@ -209,7 +209,9 @@ def test_resume_refuses_changed_settings_and_data(task_file, tmp_path, capsys):
     assert "--lr_tuner is 0.2, the checkpoint's run used 0.1" in one_error_line(capsys)
     assert main(args(task_file, out, "--resume", steps=1)) == 2
     assert "--steps 1: the checkpoint is at meta-step 1 already" in one_error_line(capsys)
-    task_file.write_text(task_file.read_text().replace("says it was", "said it was"))
+    edited = task_file.read_text().replace("great fun", "good fun")
+    assert edited != task_file.read_text()
+    task_file.write_text(edited)
     assert main(args(task_file, out, "--resume", steps=2)) == 2
     assert "the meta-training data differ" in one_error_line(capsys)
     assert step_of(out / "checkpoints" / "last.ckpt") == 1
