@@ -52,7 +52,7 @@ def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         seed=args.seed,
         output=str(workdir / name),
         overwrite=True,
-        progress=False,
+        progress=args.progress,
         checkpoint_every=0,
     )
     run = setup(cfg)
@@ -88,15 +88,19 @@ def main() -> None:
     parser.add_argument("--n_test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_check.json"))
+    parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
 
-    runs: dict[str, dict] = {}
+    runs = finished(args)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
+            if name in runs:
+                print(f"{name:18s} done before, in {args.out}")
+                continue
             runs[name] = run_variant(name, args, Path(tmp))
             write(args, runs)  # after every run: a long job keeps what it finished
     for name, row in summarise(runs).items():
@@ -105,6 +109,20 @@ def main() -> None:
             f"(one s.e. {row['binomial_se']:.3f})"
         )
     print(f"wrote {args.out}")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """What a run's result depends on (not which variants, where, or how it is shown)."""
+    skip = ("variants", "out", "progress")
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def finished(args: argparse.Namespace) -> dict[str, dict]:
+    """The runs already in ``--out`` with the same settings: the script resumes."""
+    if not args.out.exists():
+        return {}
+    saved = json.loads(args.out.read_text())
+    return dict(saved["runs"]) if saved.get("settings") == _settings(args) else {}
 
 
 def summarise(runs: dict[str, dict]) -> dict[str, dict]:
@@ -127,7 +145,7 @@ def write(args: argparse.Namespace, runs: dict[str, dict]) -> None:
     import torch
 
     result = dict(
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        settings=_settings(args),
         runs=runs,
         summary=summarise(runs),
         machine=dict(platform=platform.platform(), torch=torch.__version__),

@@ -221,8 +221,8 @@ class Run:
         and learns whether rank 0 succeeded, so a full disk stops all ranks, not just rank 0."""
         self._on_rank0(lambda: self._write(status), collective)
         self.saved_steps = self.opt.step_count
-        if self.fabric is not None and self.rank == 0:
-            for logger in self.fabric.loggers:  # the logged metrics reach disk with the state
+        if self.rank == 0:
+            for logger in self._loggers():  # the logged metrics reach disk with the state
                 logger.save()
 
     def _on_rank0(self, write, collective: bool) -> None:
@@ -394,6 +394,10 @@ class Run:
                 self._log(step + 1, loss, rate)
                 self._maybe_eval_and_save(step + 1)
 
+    def _loggers(self) -> list:
+        """The Fabric loggers of ``--logger`` (none without a Fabric, or for ``none``)."""
+        return list(getattr(self.fabric, "loggers", None) or [])
+
     def _log(self, done: int, loss: float, rate: float) -> None:
         """Train loss, lr, projected gradient and steps/s to the loggers every --log_every
         steps (and as a plain line when no progress bar is shown)."""
@@ -404,7 +408,7 @@ class Run:
         metrics = dict(train_loss=loss, lr=self.opt.param_groups[0]["lr"], steps_per_s=rate)
         if record is not None:
             metrics["projected_grad"] = record.grad
-        if self.fabric is not None:
+        if self._loggers():
             self.fabric.log_dict(metrics, step=done)
         if self.rank == 0 and not shows_bar(self.progress):
             print_line(done, cfg.steps, metrics)
@@ -413,7 +417,7 @@ class Run:
         cfg = self.cfg
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             self.results["evals"].append(dict(self.evaluate("dev"), step=done))  # every rank
-            if self.fabric is not None:
+            if self._loggers():
                 numbers = {k: v for k, v in self.results["evals"][-1].items() if k != "step"}
                 self.fabric.log_dict(
                     {f"dev_{k}": v for k, v in numbers.items() if isinstance(v, int | float)},

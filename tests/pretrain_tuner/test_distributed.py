@@ -64,7 +64,7 @@ def finetune_args(files: dict[str, Path], out: Path, steps: int, *extra: str) ->
         "--n_train", "40",
         "--n_test", "5",  # the final test evaluation: sharded 3 + 2
         "--eval_examples", "5",
-        "--lr", "1e-3",
+        "--lr", "1e-2",  # the classification objective: small projected gradients
         "--save_model",
         "--accelerator", "cpu",
         "--no_progress",
@@ -120,7 +120,7 @@ def assert_ddp_results(out: Path, steps: int, reference: dict) -> dict:
     assert results["eval_after"]["n"] == reference["eval_after"]["n"] == 5  # sharded 3 + 2
     assert results["eval_after"]["accuracy"] == reference["eval_after"]["accuracy"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["model", "results.json", "state.json", "trajectory.json"]  # no temp files
+    assert names == ["logs", "model", "results.json", "state.json", "trajectory.json"]  # no temp
     return results
 
 
