@@ -2,14 +2,23 @@
 
 A small-scale replica of the ZO Fine-tuner evaluation on SmolLM2-135M, offline:
 
-    python benchmarks/quality.py --budget small --out runs/quality          # CPU, hours
+    python benchmarks/quality.py --out runs/quality                        # protocol: CPU, a day
     python benchmarks/quality.py --budget full --out runs/quality-full      # GPU: 20k steps
+    python benchmarks/quality.py --out runs/quality --summarise             # tables of what ran
 
-1. Learning rate per method: each method (with and without the tuner) runs the budget's
-   selection steps on the first task with every lr of the grid (seed 0); the lr with the best
-   *dev* accuracy (ties: lower final train loss) is kept. The test split is never used to choose.
-2. Every (task, method, seed) then runs ``--steps`` steps at its chosen lr.
-3. Zero-shot accuracy (every run's "before") and a first-order AdamW row per task for context.
+Methods: MeZO, HiZOO and LOZO, each plain and with the learned tuner, and MeZO with a hand-made
+per-block scale (``--tuner weight-rms``: each block perturbed in proportion to its weights' RMS),
+so the table shows what learning adds over a heuristic. Every run trains the task's default
+objective (cross-entropy over the candidates for these classification tasks).
+
+1. Learning rate per method: each method runs the budget's full step count on the first task
+   with every lr of the grid (seed 0); the lr with the best *dev* accuracy (ties: lower final
+   train loss) is kept. The test split is never used to choose. The selection run at the chosen
+   lr is that method's seed-0 run on the first task.
+2. Every (task, method, seed) then runs ``--steps`` steps at its chosen lr; every method sees
+   the same batches (the batch order depends on the seed only).
+3. Zero-shot accuracy (every run's "before", on the same test examples as its "after") and a
+   first-order AdamW row per task for context.
 Every run (zero-shot, selection, final, AdamW) runs in a fresh process, so its peak memory (peak
 RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own. ``--jobs N`` runs N of them at
 once with ``cpus // N`` torch threads each: on CPU that finishes sooner (``torch``'s Gaussian
@@ -37,49 +46,99 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUDGETS = {
-    # steps, selection steps, lr grid, seeds, batch, eval examples
+    # steps, selection steps, lr grid (selection order: the middle first, so that a partial
+    # run has every method at the same lrs), seeds, batch, dev examples scored, test examples
     "small": dict(
-        steps=40, select_steps=20, lrs=[1e-5, 3e-5, 1e-4], seeds=[0, 1, 2], batch=8, n_eval=100
+        steps=40,
+        select_steps=20,
+        lrs=[1e-5, 3e-5, 1e-4],
+        seeds=[0, 1, 2],
+        batch=8,
+        n_eval=100,
+        n_test=100,
+    ),
+    "protocol": dict(
+        steps=200,
+        select_steps=200,
+        lrs=[3e-6, 1e-5, 3e-5, 1e-4, 3e-4],
+        seeds=[0, 1, 2],
+        batch=8,
+        n_eval=200,
+        n_test=500,
     ),
     "full": dict(
         steps=20000,
-        select_steps=2000,
-        lrs=[1e-6, 1e-5, 3e-5],
+        select_steps=20000,
+        lrs=[1e-7, 3e-7, 1e-6, 3e-6, 1e-5],
         seeds=[0, 1, 2],
         batch=16,
-        n_eval=1000,
+        n_eval=500,
+        n_test=1000,
     ),
 }
+#: (method, block scale): "none" (plain), "tuner" (the learned tuner), "weight-rms" (heuristic)
 METHODS = [
-    ("mezo", False),
-    ("mezo", True),
-    ("hizoo", False),
-    ("hizoo", True),
-    ("lozo", False),
-    ("lozo", True),
+    ("mezo", "none"),
+    ("mezo", "tuner"),
+    ("mezo", "weight-rms"),
+    ("hizoo", "none"),
+    ("hizoo", "tuner"),
+    ("lozo", "none"),
+    ("lozo", "tuner"),
 ]
+
+
+def label_of(method: str, scale: str) -> str:
+    """``mezo``, ``mezo+tuner``, ``mezo+weight-rms``."""
+    return method if scale == "none" else f"{method}+{scale}"
+
+
+def parse_label(label: str) -> tuple[str, str]:
+    method, _, scale = label.partition("+")
+    return method, scale or "none"
+
+
+def center_out(values: list) -> list:
+    """``[a, b, c, d, e] -> [c, d, b, e, a]``: the middle of a grid first."""
+    mid = (len(values) - 1) // 2
+    order = sorted(range(len(values)), key=lambda i: (abs(i - mid), -i))
+    return [values[i] for i in order]
 
 
 @dataclass
 class Spec:
     task: str
     method: str
-    tuned: bool
+    scale: str  # "none", "tuner" or "weight-rms"
     lr: float
     seed: int
     steps: int
 
     @property
     def label(self) -> str:
-        return self.method + ("+tuner" if self.tuned else "")
+        return label_of(self.method, self.scale)
 
     @property
     def name(self) -> str:
         return f"{self.task}.{self.label}.lr{self.lr:g}.s{self.seed}.n{self.steps}"
 
 
+def provenance() -> dict:
+    """When and where a run ran: date, machine, torch and its threads."""
+    import datetime
+
+    import torch
+
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {platform.node()}, {os.cpu_count()} CPUs",
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+
+
 def zero_shot_path(task_name: str, args, budget: dict) -> Path:
-    return args.out / "runs" / f"{task_name}.zero-shot.n{budget['n_eval']}.json"
+    return args.out / "runs" / f"{task_name}.zero-shot.n{budget['n_test']}.json"
 
 
 def run_path(spec: Spec, args) -> Path:
@@ -100,7 +159,7 @@ def zero_shot(task_name: str, args, budget: dict, model=None, tok=None) -> dict:
 
     if model is None:
         model, tok = load_model(args.model)
-    test = load_task(task_name, seed=0).test[: budget["n_eval"]]
+    test = load_task(task_name, seed=0, n_test=budget["n_test"]).test
     metrics = dict(evaluate(model, tok, test, progress=args.progress), split="test")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics))
@@ -126,7 +185,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
         "--method",
         spec.method,
         "--tuner",
-        args.tuner if spec.tuned else "none",
+        args.tuner if spec.scale == "tuner" else spec.scale,
         "--lr",
         str(spec.lr),
         "--steps",
@@ -137,6 +196,8 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
         str(budget["batch"]),
         "--eval_examples",
         str(budget["n_eval"]),
+        "--n_test",
+        str(budget["n_test"]),
         "--output",
         str(args.out / "work" / spec.name),
         "--checkpoint_every",
@@ -153,6 +214,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     if select:
         results["eval_dev"] = run.evaluate("dev")
     results["spec"] = spec.__dict__
+    results["provenance"] = provenance()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results))
     return results
@@ -167,30 +229,32 @@ def first_order_run(task_name: str, args, budget: dict, lr: float = 1e-5) -> dic
 
     from finetune.run import batch_indices, peak_memory_bytes
     from llm.models import load_model
-    from llm.tasks import evaluate, load_task, loss_batch
+    from llm.tasks import evaluate, load_task, objective_batch, objective_loss
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)
-    task = load_task(task_name, seed=0)
-    test = task.test[: budget["n_eval"]]
+    task = load_task(task_name, seed=0, n_test=budget["n_test"])
+    test = task.test
     before = zero_shot(task_name, args, budget, model, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, start = [], time.perf_counter()
     for step in range(budget["steps"]):
         idx = batch_indices(step, len(task.train), budget["batch"], 0)
-        loss = model(**loss_batch([task.train[i] for i in idx], tok)).loss
+        batch = objective_batch([task.train[i] for i in idx], tok, task.objective, task.max_length)
+        loss = objective_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     wall = time.perf_counter() - start
     results = dict(
-        config=dict(lr=lr, method="adamw"),
+        config=dict(lr=lr, method="adamw", objective=task.objective),
         train_loss=losses,
         eval_before=before,
         eval_after=evaluate(model, tok, test, progress=args.progress),
         wall_time_s=wall,
         peak_memory_bytes=peak_memory_bytes(next(model.parameters()).device),
+        provenance=provenance(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results))
@@ -213,8 +277,8 @@ def steps_to_reach(results: dict, target: float) -> int | None:
     return None
 
 
-def selection_specs(task: str, method: str, tuned: bool, budget) -> list[Spec]:
-    return [Spec(task, method, tuned, lr, 0, budget["select_steps"]) for lr in budget["lrs"]]
+def selection_specs(task: str, method: str, scale: str, budget) -> list[Spec]:
+    return [Spec(task, method, scale, lr, 0, budget["select_steps"]) for lr in budget["lrs"]]
 
 
 def best_lr(runs: list[dict]) -> float:
@@ -223,9 +287,9 @@ def best_lr(runs: list[dict]) -> float:
     return best["spec"]["lr"]
 
 
-def threads_per_job(jobs: int) -> int:
-    """torch threads each of ``jobs`` concurrent runs gets."""
-    return max(1, (os.cpu_count() or 1) // jobs)
+def threads_per_job(jobs: int, threads: int | None = None) -> int:
+    """torch threads each of ``jobs`` concurrent runs gets (``threads``: as given)."""
+    return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _init_worker(threads: int) -> None:
@@ -261,7 +325,7 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
             args.jobs,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(threads_per_job(args.jobs),),
+            initargs=(threads_per_job(args.jobs, getattr(args, "threads", None)),),
             max_tasks_per_child=1,
         ) as pool,
         Progress(*columns, disable=not sys.stderr.isatty()) as bar,
@@ -282,13 +346,19 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
 
 
 def summarise(all_runs: dict, args, budget, wall: float) -> str:
+    """The per-(task, method) table over the seeds and the headline statistics.
+
+    ``all_runs[(task, label)]`` lists one run per seed, in the order of ``budget["seeds"]``.
+    """
+    seeds = budget["seeds"]
     lines = [
         f"# Quality benchmark ({args.budget} budget)",
         "",
         f"model {args.model}; tuner {args.tuner}; tasks {', '.join(args.tasks)}; "
-        f"{budget['steps']} steps, batch {budget['batch']}, seeds {budget['seeds']}; "
+        f"{budget['steps']} steps, batch {budget['batch']}, seeds {seeds}; "
         f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{args.jobs} run(s) at a time with {threads_per_job(args.jobs)} torch "
+        f"{args.jobs} run(s) at a time with "
+        f"{threads_per_job(args.jobs, getattr(args, 'threads', None))} torch "
         "thread(s) each, every run in a fresh process; "
         + (
             f"wall time of this invocation {wall / 60:.1f} min"
@@ -298,42 +368,63 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
         + ", sum of the runs below "
         f"{sum(r['wall_time_s'] for rs in all_runs.values() for r in rs) / 60:.1f} min",
         "",
-        "| task | method | lr | final train loss | test acc (before -> after) | steps to MeZO's final loss | s/step | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | lr | final train loss | test acc (before -> after) | vs MeZO (points) "
+        "| steps to MeZO's final loss | s/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    wins, pairs = 0, 0
+    wins_loss = wins_acc = pairs = 0
     for task in args.tasks:
-        mezo = all_runs[(task, "mezo")]
-        target = statistics.mean(final_loss(r) for r in mezo)
+        mezo = all_runs.get((task, "mezo"))
+        target = statistics.mean(final_loss(r) for r in mezo) if mezo else None
         for label, runs in ((lbl, rs) for (t, lbl), rs in all_runs.items() if t == task):
             fl = [final_loss(r) for r in runs]
             acc0 = statistics.mean(r["eval_before"]["accuracy"] for r in runs)
             acc = [r["eval_after"]["accuracy"] for r in runs]
-            reach = [steps_to_reach(r, target) for r in runs]
-            reach_s = "/".join("-" if s is None else str(s) for s in reach)
+            if mezo:
+                diff = [a - m["eval_after"]["accuracy"] for a, m in zip(acc, mezo, strict=True)]
+                vs = f"{100 * statistics.mean(diff):+.1f}"
+                reach = [steps_to_reach(r, target) for r in runs]
+                reach_s = "/".join("-" if s is None else str(s) for s in reach)
+            else:
+                vs = reach_s = "-"
             sps = statistics.mean(r["wall_time_s"] / max(1, len(r["train_loss"])) for r in runs)
             mem = max(r.get("peak_memory_bytes", 0) for r in runs) / 2**20
             lines.append(
                 f"| {task} | {label} | {runs[0]['config']['lr']:g} | {statistics.mean(fl):.4f} ± {statistics.pstdev(fl):.4f} | "
-                f"{acc0:.3f} -> {statistics.mean(acc):.3f} ± {statistics.pstdev(acc):.3f} | {reach_s} | {sps:.2f} | {mem:.0f} |"
+                f"{acc0:.3f} -> {statistics.mean(acc):.3f} ± {statistics.pstdev(acc):.3f} | {vs} | {reach_s} | {sps:.2f} | {mem:.0f} |"
             )
-        for i in range(len(budget["seeds"])):
-            finals = {lbl: final_loss(rs[i]) for (t, lbl), rs in all_runs.items() if t == task}
+        labels = [lbl for t, lbl in all_runs if t == task]
+        if not any(lbl.endswith("+tuner") for lbl in labels):
+            continue
+        for i in range(len(seeds)):
+            runs_i = {lbl: all_runs[(task, lbl)][i] for lbl in labels}
             pairs += 1
-            wins += min(finals, key=finals.get).endswith("+tuner")
+            wins_loss += min(runs_i, key=lambda k: final_loss(runs_i[k])).endswith("+tuner")
+            best_acc = max(r["eval_after"]["accuracy"] for r in runs_i.values())
+            wins_acc += any(
+                k.endswith("+tuner") and r["eval_after"]["accuracy"] == best_acc
+                for k, r in runs_i.items()
+            )
     lines += [
         "",
-        f"A tuner variant has the lowest final loss of all methods in {wins}/{pairs} (task, seed) "
-        f"pairs ({100 * wins / max(1, pairs):.1f}%; paper: 82.1%).",
+        "*vs MeZO*: mean over the seeds of the test-accuracy difference to plain MeZO (each at "
+        "its own lr) on the same task and seed.",
     ]
-    for base in dict.fromkeys(lbl for _, lbl in all_runs if not lbl.endswith("+tuner")):
+    if pairs:
+        lines += [
+            "",
+            f"A tuner variant has the lowest final loss of all methods in {wins_loss}/{pairs} (task, "
+            f"seed) pairs ({100 * wins_loss / max(1, pairs):.1f}%; paper: 82.1%), and the best test "
+            f"accuracy (ties included) in {wins_acc}/{pairs} ({100 * wins_acc / max(1, pairs):.1f}%).",
+        ]
+    for base in dict.fromkeys(lbl for _, lbl in all_runs if "+" not in lbl):
         both = [t for t in args.tasks if (t, base + "+tuner") in all_runs and (t, base) in all_runs]
         if not both:
             continue
         pairs_m = [
             (all_runs[(t, base + "+tuner")][i], all_runs[(t, base)][i])
             for t in both
-            for i in range(len(budget["seeds"]))
+            for i in range(len(seeds))
         ]
         lower = sum(final_loss(a) < final_loss(b) for a, b in pairs_m)
         diff = statistics.mean(
@@ -357,12 +448,15 @@ def selection_table(selection: dict, lrs: dict, args, budget) -> str:
         "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
         "|---|" + "---|" * len(grid),
     ]
-    for (method, tuned), runs in selection.items():
+    for key, runs in selection.items():
         cells = []
         for r in runs:
-            cell = f"{r['eval_dev']['accuracy']:.2f} / {final_loss(r):.3f}"
-            cells.append(f"**{cell}**" if r["spec"]["lr"] == lrs[(method, tuned)] else cell)
-        lines.append(f"| {method}{'+tuner' if tuned else ''} | " + " | ".join(cells) + " |")
+            if r is None:  # not run yet (a partial summary)
+                cells.append("-")
+                continue
+            cell = f"{r['eval_dev']['accuracy']:.3f} / {final_loss(r):.3f}"
+            cells.append(f"**{cell}**" if r["spec"]["lr"] == lrs.get(key) else cell)
+        lines.append(f"| {label_of(*key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -394,19 +488,23 @@ def plot(all_runs: dict, args) -> None:
     fig.savefig(args.out / "loss_curves.png", dpi=120)
 
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="protocol")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tuner", default="smollm2-135m")
     p.add_argument(
         "--tasks", default="movie-reviews,amazon-reviews", help="tasks the tuner never saw"
     )
-    p.add_argument("--methods", default=",".join(m + ("+tuner" if t else "") for m, t in METHODS))
+    p.add_argument("--methods", default=",".join(label_of(*m) for m in METHODS))
     p.add_argument("--seeds", help="override the budget's seeds, e.g. 0,1")
-    p.add_argument("--steps", type=int, help="override the budget's steps")
+    p.add_argument("--steps", type=int, help="override the budget's steps (and selection steps)")
     p.add_argument("--lr", type=float, help="skip the selection and use this lr for every method")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -415,10 +513,19 @@ def main(argv=None) -> None:
         "--jobs", type=int, default=1, help="runs at once, each in its own process (see above)"
     )
     p.add_argument(
+        "--threads", type=int, help="torch threads per run (default: the CPUs over --jobs)"
+    )
+    p.add_argument(
         "--no-first-order",
         dest="first_order",
         action="store_false",
         help="skip the AdamW context rows",
+    )
+    p.add_argument(
+        "--summarise",
+        action="store_true",
+        help="run nothing: the tables of the runs whose JSONs are there (a partial protocol "
+        "shows its selection grid so far and every (task, method) whose seeds all finished)",
     )
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -428,36 +535,45 @@ def main(argv=None) -> None:
     if args.seeds:
         budget["seeds"] = [int(s) for s in args.seeds.split(",")]
     if args.steps:
-        budget["steps"] = args.steps
-    methods = [(m.split("+")[0], m.endswith("+tuner")) for m in args.methods.split(",")]
+        budget["steps"] = budget["select_steps"] = args.steps
+    methods = [parse_label(m) for m in args.methods.split(",")]
+    unknown = [label_of(*m) for m in methods if m not in METHODS]
+    if unknown:
+        p.error(
+            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(label_of(*m) for m in METHODS)}"
+        )
     start = time.perf_counter()
+    fetch = (
+        (lambda jobs, what: [read_json(path) for path, *_ in jobs])
+        if args.summarise
+        else (lambda jobs, what: run_all(jobs, args, what))
+    )
+    if args.summarise:
+        args.ran = 0
     # 0: zero-shot accuracy per task, shared by that task's runs
-    run_all(
+    fetch(
         [(zero_shot_path(t, args, budget), zero_shot, t, args, budget) for t in args.tasks],
-        args,
         "zero-shot",
     )
-    # 1: lr selection on the first task's dev split
-    selection = {}
+    # 1: lr selection on the first task's dev split, the middle of the grid first
+    selection, lrs = {}, {}
     if args.lr:
         lrs = {m: args.lr for m in methods}
     else:
         select = {m: selection_specs(args.tasks[0], *m, budget) for m in methods}
-        jobs = [
-            (run_path(s, args), run_one, s, args, budget, True)
-            for ss in select.values()
-            for s in ss
-        ]
-        done = iter(run_all(jobs, args, "lr selection"))
-        selection = {m: [next(done) for _ in ss] for m, ss in select.items()}
-        lrs = {m: best_lr(runs) for m, runs in selection.items()}
+        by_lr = {lr: i for i, lr in enumerate(center_out(budget["lrs"]))}
+        order = sorted((s for ss in select.values() for s in ss), key=lambda s: by_lr[s.lr])
+        jobs = [(run_path(s, args), run_one, s, args, budget, True) for s in order]
+        done = dict(zip((s.name for s in order), fetch(jobs, "lr selection"), strict=True))
+        selection = {m: [done[s.name] for s in ss] for m, ss in select.items()}
+        lrs = {m: best_lr(rs) for m, rs in selection.items() if None not in rs}
     # 2: every (task, method, seed) at its chosen lr, and the first-order context rows
     specs = {
-        (task, method + ("+tuner" if tuned else "")): [
-            Spec(task, method, tuned, lrs[(method, tuned)], seed, budget["steps"])
-            for seed in budget["seeds"]
+        (task, label_of(*m)): [
+            Spec(task, *m, lrs[m], seed, budget["steps"]) for seed in budget["seeds"]
         ]
-        for method, tuned in methods
+        for m in methods
+        if m in lrs
         for task in args.tasks
     }
     jobs = [(run_path(s, args), run_one, s, args, budget) for ss in specs.values() for s in ss]
@@ -466,13 +582,14 @@ def main(argv=None) -> None:
             (first_order_path(t, args, budget), first_order_run, t, args, budget)
             for t in args.tasks
         ]
-    done = iter(run_all(jobs, args, "runs"))
+    done = iter(fetch(jobs, "runs"))
     all_runs = {key: [next(done) for _ in ss] for key, ss in specs.items()}
+    all_runs = {key: rs for key, rs in all_runs.items() if None not in rs}
     first_order = list(done)
     text = summarise(all_runs, args, budget, time.perf_counter() - start)
     if selection:
         text += "\n\n" + selection_table(selection, lrs, args, budget)
-    if args.first_order:
+    if args.first_order and any(first_order):
         rows = [
             "",
             "First-order context (AdamW, all weights, seed 0; backprop keeps activations and "
@@ -482,14 +599,18 @@ def main(argv=None) -> None:
             "|---|---|---|---|---|---|---|",
         ]
         for task, r in zip(args.tasks, first_order, strict=True):
+            if r is None:
+                continue
             rows.append(
                 f"| {task} | adamw | {r['config']['lr']:g} | {final_loss(r):.4f} | "
                 f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f} | "
                 f"{r['wall_time_s'] / len(r['train_loss']):.2f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
             )
         text += "\n" + "\n".join(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(text + "\n")
-    plot(all_runs, args)
+    if all_runs:
+        plot(all_runs, args)
     print(text)
 
 

@@ -220,6 +220,12 @@ def setup(cfg: FinetuneConfig):
             base_model=tuner.config.base_model,
             fingerprint=tuner.config.fingerprint,
         )
+    block_scale = tuner
+    if cfg.heuristic_scale:
+        from l2l.scales import HEURISTICS
+
+        block_scale = HEURISTICS[cfg.heuristic_scale]
+        tuner_info = dict(spec=cfg.heuristic_scale, heuristic=True)
     model_name = cfg.model or (offline_name(tuner.config.base_model) if tuner else None)
     if model_name is None:
         raise UsageError("pass --model (or a --tuner, whose base model is then used)")
@@ -247,9 +253,9 @@ def setup(cfg: FinetuneConfig):
         tuner = tuner.to(fabric.device)
     reduce = LossAllReduce(fabric) if fabric.world_size > 1 else None
     with torch.no_grad():
-        opt = make_optimizer(cfg, model, tuner, loss_reduce=reduce)
+        opt = make_optimizer(cfg, model, block_scale, loss_reduce=reduce)
     identity = dict(
-        tuner_sha256=tensors_digest(tuner),
+        tuner_sha256=tensors_digest(tuner) if tuner is not None else cfg.heuristic_scale,
         data_sha256=data_digest(task),
         z_generator=GENERATOR,
     )

@@ -25,6 +25,8 @@ STRATEGIES = ("auto", "ddp")
 DEFAULT_LR, DEFAULT_EPS, DEFAULT_NORMALIZE = 1e-6, 1e-3, True
 #: Where a resolved value came from (results.json ``resolved``).
 SOURCES = ("user", "tuner", "registry", "default")
+#: ``--tuner`` names that select a hand-made block scale of :mod:`l2l.scales` instead of a tuner.
+HEURISTIC_SCALES = ("weight-rms",)
 
 
 @dataclass
@@ -36,7 +38,8 @@ class ModelArgs:
     smollm2-135m; none: the tuner's base model"""
     tuner: str = "none"
     """tuner folder, name in the local zoo, bundled or registry name, or Hub repo id (tuner-zoo
-    list shows them); none for the plain method"""
+    list shows them); none for the plain method; weight-rms for the hand-made per-block scale
+    (each block perturbed in proportion to its weights' RMS, no learned tuner)"""
     tuner_revision: str | None = None
     """Hub revision (branch, tag or commit) of a --tuner given as a repo id"""
     force_download: bool = False
@@ -245,7 +248,14 @@ class FinetuneConfig(DeviceArgs, OutputArgs, OptimArgs, ModelArgs):
 
     @property
     def uses_tuner(self) -> bool:
-        return self.tuner.strip().lower() != "none"
+        """A learned tuner is loaded (not ``none``, not a hand-made scale)."""
+        return self.tuner.strip().lower() not in ("none", *HEURISTIC_SCALES)
+
+    @property
+    def heuristic_scale(self) -> str | None:
+        """The hand-made block scale ``--tuner`` names (``weight-rms``), else None."""
+        name = self.tuner.strip().lower()
+        return name if name in HEURISTIC_SCALES else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,6 +301,11 @@ class FinetuneConfig(DeviceArgs, OutputArgs, OptimArgs, ModelArgs):
                 "LoRA blocks (A, B) are other tensors, starting at zero (B) with other shapes, "
                 "so the tuner has no entry for them and its scales would not transfer: use "
                 "--tuner none with --peft"
+            )
+        if self.peft and self.heuristic_scale:
+            raise UsageError(
+                f"--tuner {self.heuristic_scale} scales each block by its weights' RMS, and "
+                "LoRA's B starts at zero, so B would not move: use --tuner none with --peft"
             )
         if self.resume and self.overwrite:
             raise UsageError(

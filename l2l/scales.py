@@ -47,3 +47,7 @@ def weight_rms_scale(features: torch.Tensor) -> torch.Tensor:
     """
     mean, var = features[:, 0].double(), features[:, 1].double()
     return (mean.square() + var).sqrt().clamp_min(1e-8)
+
+
+#: hand-made block scales by name (``finetune --tuner weight-rms``): features (B, 5) -> sigma (B,)
+HEURISTICS = {"weight-rms": weight_rms_scale}

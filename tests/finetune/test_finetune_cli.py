@@ -124,6 +124,24 @@ def test_run_writes_results_and_a_replayable_trajectory(
     assert no_temp_files(out) == []
 
 
+def test_weight_rms_scale_differs_from_plain_mezo_and_replays(task_file, tmp_path):
+    """``--tuner weight-rms``: per-block scales from each block's weight RMS, recorded in the
+    trajectory (replay rebuilds the model), and a different run from the plain method."""
+    runs = {}
+    for spec in ("none", "weight-rms"):
+        out = tmp_path / spec
+        extra = ["--model", "tiny-llama", "--tuner", spec, "--save_model"]
+        assert main(args_for(task_file, out, *extra)) == 0
+        runs[spec] = read_results(out)
+        traj = Trajectory.load(out / "trajectory.json")
+        assert all((r.scales is not None) == (spec != "none") for r in traj.records)
+        assert_replays_to_saved_model(out, "tiny-llama")
+    assert runs["weight-rms"]["tuner"] == {"spec": "weight-rms", "heuristic": True}
+    assert runs["weight-rms"]["weights_sha256"] != runs["none"]["weights_sha256"]
+    scales = Trajectory.load(tmp_path / "weight-rms" / "trajectory.json").records[0].scales
+    assert max(scales) > 10 * min(scales), "norm weights (~1) and projections (~0.02) differ"
+
+
 def test_tuner_by_local_zoo_name_brings_its_base_model(task_file, tuner_dir, tmp_path):
     register_local("tiny-test-tuner", tuner_dir)
     out = tmp_path / "out"
@@ -358,6 +376,8 @@ def test_peft_lora_trains_only_the_adapters(task_file, tuner_dir, tmp_path, caps
     assert traj.fingerprint != ParamBlocks.from_module(base).fingerprint()  # adapters only
     argv = args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", str(tuner_dir))
     assert "use --tuner none with --peft" in run_failing(argv, capsys)
+    argv = args_for(task_file, tmp_path / "x", "--peft", "lora", "--tuner", "weight-rms")
+    assert "LoRA's B starts at zero" in run_failing(argv, capsys)
     assert not (tmp_path / "x").exists()
 
 
