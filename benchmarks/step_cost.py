@@ -46,8 +46,9 @@ def build(name: str, dtype: torch.dtype, device: str):
 
     torch.manual_seed(0)
     config = LlamaConfig(**TINY) if name == "tiny" else shape_config(name)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # built where it runs, in its dtype (OPT-13B: no 52 GB detour)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def make_optimizer(method: str, model, tuner: bool):

@@ -96,7 +96,9 @@ def _chunks(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor):
         per_row = max(1, int(torch.Size(p.shape[1:]).numel()))
         key = rounding_key(seed, b, SALT_SHIFT)
         for c, view, rows in local_chunks(p):
-            start = chunk_start(p.shape, c) + (0 if rows is Ellipsis else rows.start * per_row)
+            start = chunk_start(p.shape, c, p.device) + (
+                0 if rows is Ellipsis else rows.start * per_row
+            )
             yield b, c, view, _z(blocks, seed, b, c)[rows], float(coeffs[b]), key, start
 
 

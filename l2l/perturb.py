@@ -42,6 +42,11 @@ Direction = Callable[[int, int], torch.Tensor]
 # materialise z: x (W + c U V^T)^T = x W^T + c (x V) U^T costs O(tokens (m + n) r).
 Factors = Callable[[int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
+# direction_at(block, index) -> float32 tensor of ``index``'s shape: the unscaled direction of
+# block b at the element positions ``index`` (int64). An ``nn.Embedding`` then perturbs only the
+# rows a batch looks up, with no host synchronisation.
+DirectionAt = Callable[[int, torch.Tensor], torch.Tensor]
+
 
 def perturbed_chunk(value: torch.Tensor, u: torch.Tensor, coeff: float) -> torch.Tensor:
     """``value + coeff * u`` computed in (at least) float32, returned in ``value``'s dtype (a new
@@ -54,7 +59,7 @@ def perturbed_chunk(value: torch.Tensor, u: torch.Tensor, coeff: float) -> torch
 def perturbed_block(
     param: torch.Tensor, block: int, direction: Direction, coeff: float
 ) -> torch.Tensor:
-    chunks = row_chunks(param.shape)
+    chunks = row_chunks(param.shape, param.device)
     if len(chunks) == 1:
         return perturbed_chunk(param.detach(), direction(block, 0), coeff)
     out = torch.empty_like(param)
@@ -91,7 +96,11 @@ class Perturber:
 
     @contextmanager
     def __call__(
-        self, coeffs: Sequence[float], direction: Direction, factors: Factors | None = None
+        self,
+        coeffs: Sequence[float],
+        direction: Direction,
+        factors: Factors | None = None,
+        direction_at: DirectionAt | None = None,
     ) -> Iterator[None]:
         if self.model is None:
             with self._swap_data(coeffs, direction):
@@ -102,7 +111,9 @@ class Perturber:
         try:
             for module, entries in self._owners:
                 previous = module.__dict__.get("forward")
-                module.forward = self._wrap(module, entries, coeffs, direction, used, factors)
+                module.forward = self._wrap(
+                    module, entries, coeffs, direction, used, factors, direction_at
+                )
                 patched.append((module, previous))
             yield
         finally:
@@ -125,7 +136,7 @@ class Perturber:
             for p, data in zip(self.blocks.params, originals, strict=False):
                 p.data = data
 
-    def _wrap(self, module, entries, coeffs, direction, used, factors=None):
+    def _wrap(self, module, entries, coeffs, direction, used, factors=None, direction_at=None):
         forward = type(module).forward.__get__(module)
         if module.__dict__.get("forward") is not None:
             forward = module.__dict__["forward"]
@@ -137,7 +148,11 @@ class Perturber:
             return _LowRankLinear(module, dict(entries), coeffs, direction, used, lowrank)
         if lowrank is not None and type(module) is nn.Embedding and names == {"weight"}:
             return _LowRankEmbedding(module, entries[0][1], coeffs, used, lowrank, forward)
-        big = module.weight.numel() > zdef.CHUNK_ELEMENTS if "weight" in names else False
+        if direction_at is not None and type(module) is nn.Embedding and names == {"weight"}:
+            return _GatherEmbedding(module, entries[0][1], coeffs, direction_at, used, forward)
+        big = "weight" in names and module.weight.numel() > zdef.chunk_elements(
+            module.weight.device
+        )
         if big and type(module) is nn.Linear:
             return _ChunkedLinear(module, dict(entries), coeffs, direction, used)
         if big and type(module) is nn.Embedding and names == {"weight"}:
@@ -184,9 +199,12 @@ class _ChunkedLinear:
         if bias is not None and bb is not None:
             bias = perturbed_block(bias, bb, self.direction, self.coeffs[bb])
         out = x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out_features)
-        # rows of W perturbed and multiplied at once: bounds the perturbed copy and the product
+        # rows of W perturbed and multiplied at once: on the CPU bounds the perturbed copy and
+        # the product; an accelerator multiplies a chunk in one GEMM
         step = max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
-        for c, (r0, r1) in enumerate(row_chunks(w.shape)):
+        if zdef.accelerated(w.device):
+            step = w.shape[0]
+        for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
             z = self.direction(wb, c)
             for a in range(r0, r1, step):
                 b = min(a + step, r1)
@@ -212,7 +230,7 @@ class _ChunkedEmbedding:
         w = self.m.weight.detach()
         out = self.forward(ids)  # (..., dim), unperturbed rows, same dtype as w
         ids = ids.to(w.device)
-        for c, (r0, r1) in enumerate(row_chunks(w.shape)):
+        for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
             mask = (ids >= r0) & (ids < r1)
             if not bool(mask.any()):
                 continue
@@ -220,6 +238,27 @@ class _ChunkedEmbedding:
             u = self.direction(self.block, c)[rows]
             out[mask] = perturbed_chunk(w[r0:r1][rows], u, self.coeffs[self.block])
         return out
+
+
+class _GatherEmbedding:
+    """``nn.Embedding`` forward at perturbed weights, perturbing the looked-up rows only: the
+    direction is evaluated at their element positions (``direction_at``), so a batch of T tokens
+    draws T x dim numbers, not the vocabulary's, and nothing waits on the host (no masks, no
+    data-dependent shapes). The values are those of the whole-weight path, bit for bit."""
+
+    def __init__(self, module, block, coeffs, direction_at, used, forward):
+        self.m, self.block, self.coeffs, self.forward = module, block, coeffs, forward
+        self.direction_at = direction_at
+        used.add(block)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.m.weight
+        rows = self.forward(ids)  # (..., dim): the looked-up rows, unperturbed, w's dtype
+        ids = ids.to(w.device)
+        dim = w.shape[1]
+        index = ids.unsqueeze(-1) * dim + torch.arange(dim, device=w.device)
+        u = self.direction_at(self.block, index)
+        return perturbed_chunk(rows.to(w.device), u, self.coeffs[self.block])
 
 
 def _add_lowrank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, coeff: float):
@@ -268,7 +307,7 @@ class _LowRankLinear:
         bias = None if bias is None else bias.detach()
         x = x.to(self.v.device)
         w, coeff = self.m.weight.detach(), self.coeffs[self.entries["weight"]]
-        if w.numel() <= zdef.CHUNK_ELEMENTS and not factored_is_cheaper(
+        if w.numel() <= zdef.chunk_elements(w.device) and not factored_is_cheaper(
             x[..., 0].numel(), *w.shape
         ):
             return F.linear(x, lowrank_perturbed(w, self.u, self.v, coeff), bias)

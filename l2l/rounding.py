@@ -28,6 +28,8 @@ elementwise torch ops besides the bits, no host synchronisation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from l2l import z as zdef
@@ -57,7 +59,9 @@ _PATTERNS = {
 }
 
 
+@functools.cache
 def _pattern(value: float, idt: torch.dtype) -> int:
+    """The bit pattern of ``value`` as an integer (a host constant: computed once)."""
     fdt = torch.float32 if idt == torch.int32 else torch.float64
     return int(torch.tensor(value, dtype=fdt).view(idt))
 

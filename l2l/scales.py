@@ -14,14 +14,19 @@ from l2l.blocks import ParamBlocks
 
 
 def block_features(
-    blocks: ParamBlocks, prev_losses: tuple[float, float], prev_sigma: torch.Tensor
+    blocks: ParamBlocks,
+    prev_losses: tuple[float, float],
+    prev_sigma: torch.Tensor,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block."""
-    mean, var = blocks.statistics()
-    n = len(blocks)
-    lp = torch.full((n,), float(prev_losses[0]))
-    lm = torch.full((n,), float(prev_losses[1]))
-    return torch.stack([mean, var, lp, lm, prev_sigma.detach().float().cpu()], dim=1)
+    """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block,
+    on the CPU, or on ``device`` (the blocks' first device) with no host transfer."""
+    mean, var = blocks.statistics(device=device)
+    n, where = len(blocks), mean.device
+    lp = torch.full((n,), float(prev_losses[0]), device=where)
+    lm = torch.full((n,), float(prev_losses[1]), device=where)
+    sigma = prev_sigma.detach().float().to(where, non_blocking=True)
+    return torch.stack([mean, var, lp, lm, sigma], dim=1)
 
 
 def normalisation(sigma: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:

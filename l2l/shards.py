@@ -68,7 +68,7 @@ def local_chunks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, slice | E
         yield 0, local, ...
         return
     stop = start + local.shape[0]
-    for c, (r0, r1) in enumerate(row_chunks(t.shape)):
+    for c, (r0, r1) in enumerate(row_chunks(t.shape, t.device)):
         a, b = max(r0, start), min(r1, stop)
         if a < b:
             yield c, local[a - start : b - start], slice(a - r0, b - r0)

@@ -37,9 +37,31 @@ import torch
 #: Name of the generator defined here; trajectories record it (a different name, different z).
 GENERATOR = "l2l-splitmix64-boxmuller-v1"
 
-#: Largest number of elements of one direction chunk (16 MiB in float32). Only how much of z is
-#: alive at once: z's values do not depend on it.
+#: Largest number of elements of one direction chunk on the CPU (16 MiB in float32): z stays
+#: in cache-sized pieces and a step's transient memory small. Only how much of z is alive at
+#: once: z's values do not depend on it.
 CHUNK_ELEMENTS = 1 << 22
+#: The same on accelerators: a weight is drawn, perturbed and multiplied whole (one z draw, one
+#: copy and one GEMM per weight, not one per 4M-element chunk), up to this size (1 GiB of float32;
+#: an LM head of 128k x 2048 is one chunk).
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 28
+#: Device types that take the accelerator chunking besides every non-CPU device;
+#: ``benchmarks/step_ops.py --policy device`` adds ``"cpu"`` to count a GPU step's ops on a CPU.
+ACCELERATOR_POLICY: set[str] = set()
+
+
+def accelerated(device: torch.device | str | None) -> bool:
+    """Whether ``device`` takes the accelerator policy (whole weights; None: the CPU's)."""
+    if device is None:
+        return False
+    kind = torch.device(device).type
+    return kind != "cpu" or kind in ACCELERATOR_POLICY
+
+
+def chunk_elements(device: torch.device | str | None = None) -> int:
+    """Elements of one direction chunk on ``device`` (None: the CPU's)."""
+    return ACCELERATOR_CHUNK_ELEMENTS if accelerated(device) else CHUNK_ELEMENTS
+
 
 _MASK64 = (1 << 64) - 1
 
@@ -88,12 +110,15 @@ def z_key(step_seed: int, block: int) -> int:
     return mix_seed(step_seed, block)
 
 
-def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int]]:
-    """Row ranges ``[(r0, r1), ...]`` cutting a tensor of ``shape`` along dim 0."""
+def row_chunks(
+    shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None
+) -> list[tuple[int, int]]:
+    """Row ranges ``[(r0, r1), ...]`` cutting a tensor of ``shape`` on ``device`` along dim 0
+    (chunks of at most :func:`chunk_elements` elements, or one row)."""
     if len(shape) == 0:
         return [(0, 1)]
     rows = shape[0]
-    step = max(1, CHUNK_ELEMENTS // _per_row(shape))
+    step = max(1, chunk_elements(device) // _per_row(shape))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
 
 
@@ -206,15 +231,26 @@ def _sqrt(ws: _Workspace, q: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor
 
 def _box_muller(ws: _Workspace, n: int, out: torch.Tensor) -> None:
     """The pairs of ``ws.h[:n]`` (mixed bits) into ``out`` (n / GROUP, 2, GROUP)."""
-    g, c, k = n // GROUP, ws.i32, ws.f32
-    f = [ws.f[j, :n].view(g, GROUP) for j in range(5)]
-    i = [ws.i[j, :n].view(g, GROUP) for j in range(2)]
-    low = i[0].copy_(ws.h[:n].view(g, GROUP))  # int64 -> int32 keeps the low 32 bits
-    signs = ws.signs[:g]  # bits 31 and 30 of the low word: signs of z[2Gg + q], z[2Gg + G + q]
-    torch.bitwise_and(low, c[_SIGN], out=signs[:, 0])
-    torch.bitwise_left_shift(low, 1, out=signs[:, 1]).bitwise_and_(c[_SIGN])
+    g = n // GROUP
+    signs = ws.signs[:g]
+    _box_muller_into(ws, ws.h[:n].view(g, GROUP), out[:, 0], out[:, 1], signs[:, 0], signs[:, 1])
+
+
+def _box_muller_into(ws: _Workspace, h, out0, out1, sign0, sign1) -> None:
+    """Box-Muller of the mixed bits ``h`` (int64, any shape) into ``out0``/``out1`` (float32 of
+    ``h``'s shape: the pair's first and second output); ``sign0``/``sign1``: int32 buffers of
+    that shape. Elementwise, so every layout of the pairs gives the same bits."""
+    shape, n = h.shape, h.numel()
+    c, k = ws.i32, ws.f32
+    f = [ws.f[j, :n].view(shape) for j in range(5)]
+    i = [ws.i[j, :n].view(shape) for j in range(2)]
+    tmp = ws.tmp[:n].view(shape)
+    low = i[0].copy_(h)  # int64 -> int32 keeps the low 32 bits
+    # bits 31 and 30 of the low word: signs of z[2Gg + q], z[2Gg + G + q]
+    torch.bitwise_and(low, c[_SIGN], out=sign0)
+    torch.bitwise_left_shift(low, 1, out=sign1).bitwise_and_(c[_SIGN])
     # angle pi/4 + phi in [0, pi/2), phi from the high word (signed)
-    high = i[1].copy_(torch.bitwise_right_shift(ws.h[:n], 32, out=ws.tmp[:n]).view(g, GROUP))
+    high = i[1].copy_(torch.bitwise_right_shift(h, 32, out=tmp))
     phi = f[4].copy_(high).mul_(k[PHI_SCALE])
     # radius sqrt(-2 ln u), u = v / 2^30, v = (low 30 bits of the low word) + 1 in [1, 2^30]
     v = f[0].copy_(low.bitwise_and_(c[0x3FFFFFFF])).add_(k[1.0])
@@ -230,9 +266,11 @@ def _box_muller(ws: _Workspace, n: int, out: torch.Tensor) -> None:
     p = torch.mul(phi, phi, out=f[2])
     sin = _horner(ws, p, SIN_POLY, f[3]).mul_(phi)
     cos = _horner(ws, p, COS_POLY, f[0])
-    torch.mul(torch.sub(cos, sin, out=f[4]), r, out=out[:, 0])
-    torch.mul(cos.add_(sin), r, out=out[:, 1])
-    out.view(torch.int32).bitwise_xor_(signs)  # independent reflections: uniform on the circle
+    torch.mul(torch.sub(cos, sin, out=f[4]), r, out=out0)
+    torch.mul(cos.add_(sin), r, out=out1)
+    # independent reflections: uniform on the circle
+    out0.view(torch.int32).bitwise_xor_(sign0)
+    out1.view(torch.int32).bitwise_xor_(sign1)
 
 
 def _draw_groups(key: int, g0: int, out: torch.Tensor) -> None:
@@ -319,6 +357,33 @@ def gaussian(
         return out.view(shape)
 
 
+def gaussian_at(step_seed: int, block: int, index: torch.Tensor) -> torch.Tensor:
+    """Elements ``index`` (an int64 tensor of positions in the block) of block ``block``'s z, as
+    float32 of ``index``'s shape on its device: the same bits as :func:`gaussian` gives at those
+    positions, computed for those elements only, with no host synchronisation (e.g. the rows of
+    an embedding that a batch looks up)."""
+    key, device = z_key(step_seed, block), index.device
+    flat = index.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.float32, device=device)
+    ws = _WORKSPACES.get(device)
+    base = _signed64(key + GAMMA)  # pair k's state: k GAMMA + key + GAMMA
+    with torch.profiler.record_function("l2l::z"):
+        for a in range(0, flat.numel(), ws.pairs):
+            n = min(ws.pairs, flat.numel() - a)
+            idx, h, tmp = flat[a : a + n], ws.h[:n], ws.tmp[:n]
+            # element i is output (i >> 10) & 1 of pair ((i >> 11) << 10) | (i & 1023)
+            torch.bitwise_right_shift(idx, 11, out=h).bitwise_left_shift_(10)
+            h.bitwise_or_(torch.bitwise_and(idx, GROUP - 1, out=tmp)).mul_(_GAMMA).add_(base)
+            _mix64_(ws, h, tmp)
+            signs = ws.signs.view(-1)
+            second = torch.empty(n, dtype=torch.float32, device=device)
+            first = out[a : a + n]
+            _box_muller_into(ws, h, first, second, signs[:n], signs[n : 2 * n])
+            which = torch.bitwise_right_shift(idx, 10, out=tmp).bitwise_and_(1).bool()
+            torch.where(which, second, first, out=first)
+    return out.view(index.shape)
+
+
 def counter_bits(
     key: int, start: int, numel: int, device: torch.device | str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -340,13 +405,15 @@ def counter_bits(
         return out
 
 
-def chunk_start(shape: tuple[int, ...] | torch.Size, chunk: int) -> int:
-    """Position of the first element of row chunk ``chunk`` in a block whose rows have
-    ``shape[1:]`` (the cut of :func:`row_chunks`)."""
+def chunk_start(
+    shape: tuple[int, ...] | torch.Size, chunk: int, device: torch.device | str | None = None
+) -> int:
+    """Position of the first element of row chunk ``chunk`` in a block on ``device`` whose rows
+    have ``shape[1:]`` (the cut of :func:`row_chunks`)."""
     if len(shape) == 0:
         return 0
     per_row = _per_row(shape)
-    return chunk * max(1, CHUNK_ELEMENTS // per_row) * per_row
+    return chunk * max(1, chunk_elements(device) // per_row) * per_row
 
 
 def gaussian_chunk(
@@ -363,7 +430,7 @@ def gaussian_chunk(
     The chunk begins at element ``start``; by default where :func:`row_chunks` puts chunk
     ``chunk`` of a block whose rows have ``shape[1:]``. ``transient`` as in :func:`gaussian`.
     """
-    start = chunk_start(shape, chunk) if start is None else start
+    start = chunk_start(shape, chunk, device) if start is None else start
     return gaussian(step_seed, block, start, shape, device, transient)
 
 
@@ -376,7 +443,7 @@ def param_chunk_z(
 ) -> torch.Tensor:
     """z for chunk ``chunk`` of block ``block`` (whose tensor is ``param``); ``transient`` as in
     :func:`gaussian`."""
-    r0, r1 = row_chunks(param.shape)[chunk]
+    r0, r1 = row_chunks(param.shape, param.device)[chunk]
     start = r0 * _per_row(param.shape)
     return gaussian(step_seed, block, start, chunk_shape(param, r0, r1), param.device, transient)
 

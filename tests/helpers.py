@@ -24,7 +24,7 @@ def tiny_lm(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int =
 
 def lm_closure(model, batch: int = 4, length: int = 12, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen).to(model.device)
     return lambda: model(input_ids=ids, labels=ids).loss
 
 

@@ -14,6 +14,7 @@ The optional ``block_scale`` provider (the learned tuner attaches here) returns 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from l2l.blocks import ParamBlocks, is_no_decay
 from l2l.perturb import Perturber
 from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key, upcast
 from l2l.scales import block_features, normalisation
-from l2l.z import chunk_start, chunk_view, mix_seed, row_chunks
+from l2l.z import accelerated, chunk_start, chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
 LossReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -66,10 +67,27 @@ class StepContext:
     scales: torch.Tensor | None  # (B,) float64, nf * sigma_b
 
 
-def _to_float(loss: Any) -> float:
+def _loss_scalar(loss: Any) -> torch.Tensor | float:
+    """A closure's loss as a 0-d float64 tensor left on its device (the mean of the float32
+    value; no host synchronisation), or a Python float."""
     if isinstance(loss, torch.Tensor):
-        return float(loss.detach().float().mean())
+        return loss.detach().float().mean().double()
     return float(loss)
+
+
+def _host_losses(values: list[torch.Tensor | float]) -> list[float]:
+    """The step's losses as Python floats: one device-to-host transfer for all of them."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    stacked = torch.stack(
+        [
+            v.to(device) if isinstance(v, torch.Tensor) else torch.tensor(v, device=device)
+            for v in values
+        ]
+    ).double()
+    return stacked.tolist()
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -200,14 +218,17 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ---- the step ---------------------------------------------------------------------------
     def features(self) -> torch.Tensor:
         """(B, 5) float32 tuner features: mean, var, L+ prev, L- prev, sigma prev."""
-        return block_features(self.blocks, self._prev_losses, self._prev_sigma)
+        home = self.blocks.params[0].device if len(self.blocks) else None
+        device = home if accelerated(home) else None  # accelerators: built where the weights are
+        return block_features(self.blocks, self._prev_losses, self._prev_sigma, device=device)
 
     def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(raw sigma, effective nf * sigma) from the provider, or (None, None) without one."""
         if self.block_scale is None:
             return None, None
         with torch.no_grad():
-            sigma = self.block_scale(self.features()).detach().double().cpu().reshape(-1)
+            # the tuner's one host transfer
+            sigma = self.block_scale(self.features()).detach().double().reshape(-1).cpu()
         if sigma.numel() != len(self.blocks) or not bool((sigma > 0).all()):
             raise ValueError(
                 f"block_scale must return {len(self.blocks)} positive scales, got shape "
@@ -220,21 +241,31 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _direction_at(self, ctx: StepContext, block: int, index: torch.Tensor) -> torch.Tensor:
+        """The unscaled direction of ``block`` at element positions ``index`` (int64), the
+        values ``_direction`` has there; a method that has it perturbs only the embedding rows
+        a batch looks up (see ``l2l.perturb``). Not every method has one."""
+        raise NotImplementedError
+
+    def _has_direction_at(self) -> bool:
+        return type(self)._direction_at is not ZOOptimizer._direction_at
+
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(U, V)`` with ``z_b = U V^T`` when block ``b``'s direction is low rank, else None;
         the perturbed forward then need not materialise ``z_b`` (see ``l2l.perturb``)."""
         return None
 
-    def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[float]:
-        """[L+, L-] (HiZOO prepends L0)."""
+    def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[torch.Tensor | float]:
+        """[L+, L-] (HiZOO prepends L0), each left where the closure computed it."""
         eps = self.group["eps"]
         direction = lambda b, c: self._direction(ctx, b, c)  # noqa: E731
         factors = lambda b: self._factors(ctx, b)  # noqa: E731
+        at = (lambda b, i: self._direction_at(ctx, b, i)) if self._has_direction_at() else None
         scales = [1.0] * len(self.blocks) if ctx.scales is None else ctx.scales.tolist()
         out = []
         for sign in (1.0, -1.0):
-            with self.perturber([sign * eps * s for s in scales], direction, factors):
-                out.append(_to_float(closure()))
+            with self.perturber([sign * eps * s for s in scales], direction, factors, at):
+                out.append(_loss_scalar(closure()))
         return out
 
     def _prepare(self, step: int, seed: int) -> None:
@@ -249,18 +280,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         sigma, scales = self.block_scales()
         ctx = StepContext(self.step_count, seed, scales)
         self._prepare(ctx.step, seed)
-        losses = torch.tensor(self._losses(ctx, closure), dtype=torch.float64)
+        values = _host_losses(self._losses(ctx, closure))  # the step's one wait on the device
+        losses = torch.tensor(values, dtype=torch.float64)
         if self.loss_reduce is not None:
             losses = self.loss_reduce(losses)
+            values = losses.tolist()
         step = self.step_count
         self.step_count += 1
-        if not bool(torch.isfinite(losses).all()):
+        if not all(math.isfinite(v) for v in values):
             self._on_nonfinite(step, losses)
             return torch.tensor(float("nan"))
-        record = self._make_record(ctx, [float(v) for v in losses])
+        record = self._make_record(ctx, values)
         # bookkeeping first: an interrupt inside _apply then leaves a record and state that a
         # resume (which replays the records onto the initial weights) can trust
-        self._prev_losses = (float(losses[-2]), float(losses[-1]))
+        self._prev_losses = (values[-2], values[-1])
         if sigma is not None:
             self._prev_sigma = sigma.float()
         if self.records is not None:
@@ -279,7 +312,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             grad=(lp - lm) / (2 * self.group["eps"]),
             lr=self.group["lr"],
             weight_decay=self.group["weight_decay"],
-            scales=None if ctx.scales is None else [float(s) for s in ctx.scales],
+            scales=None if ctx.scales is None else ctx.scales.tolist(),
         )
 
     def _on_nonfinite(self, step: int, losses: torch.Tensor) -> None:
@@ -320,7 +353,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             coeff = coeffs[b]
             if coeff == 0.0 and decay == 0.0:
                 continue
-            for c, (r0, r1) in enumerate(row_chunks(p.shape)):
+            for c, (r0, r1) in enumerate(row_chunks(p.shape, p.device)):
                 view = chunk_view(p.data, r0, r1)
                 in_place = view.dtype in (torch.float32, torch.float64)
                 new = view if in_place else upcast(view, torch.float32)
@@ -334,5 +367,5 @@ class ZOOptimizer(torch.optim.Optimizer):
                     new.add_(direction(b, c), alpha=-coeff)
                 if not in_place:
                     key = rounding_key(record.seed, b, SALT_UPDATE)
-                    start = chunk_start(p.shape, c)
+                    start = chunk_start(p.shape, c, p.device)
                     round_into(view, new, key, start=start, rounding=self.group["rounding"])

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _to_float
+from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _loss_scalar
 from l2l.rounding import SALT_HESSIAN, round_into, rounding_key, upcast
-from l2l.z import chunk_start, chunk_view, param_chunk_z, row_chunks
+from l2l.z import chunk_start, chunk_view, gaussian_at, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12
@@ -68,14 +68,18 @@ class HiZOO(ZOOptimizer):
 
     def _hessian(self, block: int, chunk: int) -> torch.Tensor:
         p = self.blocks.params[block]
-        r0, r1 = row_chunks(p.shape)[chunk]
+        r0, r1 = row_chunks(p.shape, p.device)[chunk]
         return chunk_view(self.state[p]["hessian"], r0, r1)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
         return self._z(ctx.seed, block, chunk).div_(self._hessian(block, chunk).sqrt())
 
+    def _direction_at(self, ctx: StepContext, block: int, index):
+        hessian = self.state[self.blocks.params[block]]["hessian"].view(-1)
+        return gaussian_at(ctx.seed, block, index).div_(hessian[index].sqrt())
+
     def _losses(self, ctx, closure):
-        l0 = _to_float(closure())
+        l0 = _loss_scalar(closure())
         return [l0, *super()._losses(ctx, closure)]
 
     def _report_loss(self, losses):
@@ -98,7 +102,7 @@ class HiZOO(ZOOptimizer):
         rounding = self.group["rounding"]
         for b, p in enumerate(self.blocks.params):
             s = 1.0 if record.scales is None else record.scales[b]
-            for c in range(len(row_chunks(p.shape))):
+            for c in range(len(row_chunks(p.shape, p.device))):
                 h = self._hessian(b, c)
                 est = hessian_diag_estimate(dl, self._z(record.seed, b, c), h, mu, s).abs_()
                 if rounding == "nearest":
@@ -108,4 +112,6 @@ class HiZOO(ZOOptimizer):
                 # below H's spacing (alpha = 1e-8 against 6e-8 at H = 1) moves H in expectation
                 h64 = upcast(h, torch.float64).mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
                 key = rounding_key(record.seed, b, SALT_HESSIAN)
-                round_into(h, h64.clamp_(min=_H_FLOOR), key, start=chunk_start(p.shape, c))
+                round_into(
+                    h, h64.clamp_(min=_H_FLOOR), key, start=chunk_start(p.shape, c, p.device)
+                )

@@ -74,7 +74,7 @@ class LOZO(ZOOptimizer):
 
     def _u(self, seed: int, block: int, chunk: int) -> torch.Tensor:
         p = self.blocks.params[block]
-        r0, r1 = row_chunks(p.shape)[chunk]
+        r0, r1 = row_chunks(p.shape, p.device)[chunk]
         if not self._is_matrix(block):
             return param_chunk_z(seed, block, chunk, p)
         rank = self.group["rank"]
@@ -92,7 +92,7 @@ class LOZO(ZOOptimizer):
         if not self._is_matrix(block):
             return None
         p = self.blocks.params[block]
-        chunks = [self._u(ctx.seed, block, c) for c in range(len(row_chunks(p.shape)))]
+        chunks = [self._u(ctx.seed, block, c) for c in range(len(row_chunks(p.shape, p.device)))]
         u = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return u, self.state[p]["v"]
 
@@ -108,7 +108,8 @@ class LOZO(ZOOptimizer):
                 return None
             state = self.state[self.blocks.params[b]]
             if beta:  # N already carries (1 - beta) c s_b
-                r0, r1 = row_chunks(self.blocks.params[b].shape)[c]
+                p = self.blocks.params[b]
+                r0, r1 = row_chunks(p.shape, p.device)[c]
                 return state["n"][r0:r1], state["v"] / rank
             return self._u(record.seed, b, c), state["v"] / rank
 
@@ -132,6 +133,6 @@ class LOZO(ZOOptimizer):
             if "n" not in state:
                 state["n"] = torch.zeros(p.shape[0], self.group["rank"], device=p.device)
             n = state["n"]  # (m, r)
-            for c, (r0, r1) in enumerate(row_chunks(p.shape)):
+            for c, (r0, r1) in enumerate(row_chunks(p.shape, p.device)):
                 u = self._u(record.seed, b, c)
                 n[r0:r1].mul_(beta).add_(u, alpha=(1.0 - beta) * record.grad * scale)

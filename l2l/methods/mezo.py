@@ -9,7 +9,7 @@ z is regenerated from the step seed for each forward and for the update, never s
 from __future__ import annotations
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.z import param_chunk_z
+from l2l.z import gaussian_at, param_chunk_z
 
 
 class ZOSGD(ZOOptimizer):
@@ -21,6 +21,9 @@ class ZOSGD(ZOOptimizer):
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
         return self._z(ctx.seed, block, chunk)
+
+    def _direction_at(self, ctx: StepContext, block: int, index):
+        return gaussian_at(ctx.seed, block, index)
 
     def _apply(self, record: StepRecord) -> None:
         self._sgd_update(record, lambda b, c: self._z(record.seed, b, c))

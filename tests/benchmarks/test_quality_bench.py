@@ -53,7 +53,9 @@ def test_lr_is_chosen_on_dev_accuracy_then_loss(quality):
     assert quality.best_lr(runs) == 3e-5
     args = argparse.Namespace(tasks=["a"])
     budget = dict(lrs=[1e-5, 3e-5, 1e-4], select_steps=10)
-    table = quality.selection_table({("mezo", "none"): runs}, {("mezo", "none"): 3e-5}, args, budget)
+    table = quality.selection_table(
+        {("mezo", "none"): runs}, {("mezo", "none"): 3e-5}, args, budget
+    )
     assert "| mezo | 0.600 / 3.000 | **0.700 / 2.000** | 0.650 / 1.000 |" in table
     partial = quality.selection_table({("mezo", "tuner"): [None, runs[1], None]}, {}, args, budget)
     assert "| mezo+tuner | - | 0.700 / 2.000 | - |" in partial  # not chosen: the row is incomplete

@@ -13,6 +13,13 @@ from l2l.rounding import position_bits, round_into
 from l2l.z import counter_bits, gaussian_block, param_chunk_z
 
 HALF = [torch.bfloat16, torch.float16]
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
 INPUT = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
 INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -123,21 +130,23 @@ def test_complement_undoes_a_shift_within_a_binade():
 # ---------------------------------------------------------------------------- ZO updates
 
 
-def linear_model(dtype: torch.dtype) -> nn.Module:
+def linear_model(dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     """A (1024, 1024) weight ~ N(0, 0.02^2): 1M weights, as an LLM's."""
     torch.manual_seed(0)
     model = nn.Linear(1024, 1024, bias=False)
     nn.init.normal_(model.weight, std=0.02)
-    return model.to(dtype)
+    return model.to(device, dtype)
 
 
-def realised_share(dtype: torch.dtype, step: float, rounding: str = "stochastic") -> float:
+def realised_share(
+    dtype: torch.dtype, step: float, rounding: str = "stochastic", device: str = "cpu"
+) -> float:
     """Slope of the realised change of a ``dtype`` model regressed on float32's, one ZOSGD update
     with lr * g = ``step`` from the same start and seed."""
-    start = linear_model(dtype)
+    start = linear_model(dtype, device)
     changes = []
     for dt in (torch.float32, dtype):
-        model = linear_model(dtype).to(dt)  # the same start: half-precision weights, upcast
+        model = linear_model(dtype, device).to(dt)  # the same start: half-precision, upcast
         opt = ZOSGD(model, lr=step, rounding=rounding)
         opt._apply(StepRecord(step=0, seed=7, grad=1.0, lr=step, weight_decay=0.0))
         changes.append((model.weight.double() - start.weight.double()).flatten())
@@ -145,12 +154,13 @@ def realised_share(dtype: torch.dtype, step: float, rounding: str = "stochastic"
     return float((half * full).sum() / (full * full).sum())
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(
     "dtype,step", [(torch.bfloat16, 1e-6), (torch.bfloat16, 1e-5), (torch.float16, 1e-7)]
 )
-def test_half_precision_step_keeps_the_float32_update(dtype, step):
-    share = realised_share(dtype, step)
-    print(f"{dtype} keeps {share:.3f} of the float32 update at lr*g = {step:g}")
+def test_half_precision_step_keeps_the_float32_update(dtype, step, device):
+    share = realised_share(dtype, step, device=device)
+    print(f"{dtype} on {device} keeps {share:.3f} of the float32 update at lr*g = {step:g}")
     assert 0.95 <= share <= 1.05
 
 
@@ -174,9 +184,10 @@ def test_float32_update_is_unchanged_by_the_option():
     "cls,kw",
     [(ZOSGD, {}), (HiZOO, {"hessian_smooth": 1e-8}), (LOZO, {"rank": 2, "nu": 3, "momentum": 0.5})],
 )
-def test_bf16_replay_and_resume_are_bit_exact(cls, kw, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_bf16_replay_and_resume_are_bit_exact(cls, kw, device, tmp_path):
     """At lr 1e-5 almost every change is a rounding decision: replay and resume repeat them."""
-    model = tiny_lm("llama", dtype=torch.bfloat16)
+    model = tiny_lm("llama", dtype=torch.bfloat16).to(device)
     closure = lm_closure(model)
     opt = cls(model, lr=1e-5, eps=1e-2, record=True, **kw)
     for _ in range(3):
@@ -186,12 +197,14 @@ def test_bf16_replay_and_resume_are_bit_exact(cls, kw, tmp_path):
         opt.step(closure)
     trajectory = Trajectory.from_optimizer(opt)
     assert trajectory.hparams["rounding"] == "stochastic"
-    fresh = tiny_lm("llama", dtype=torch.bfloat16)
+    fresh = tiny_lm("llama", dtype=torch.bfloat16).to(device)
     assert not same_bits(snapshot(fresh), snapshot(model))
     replay(fresh, trajectory.save(tmp_path / "t.json"))
     assert same_bits(snapshot(fresh), snapshot(model))
 
-    resumed = tiny_lm("llama", dtype=torch.bfloat16)  # a resume: replay the records, then go on
+    resumed = tiny_lm("llama", dtype=torch.bfloat16).to(
+        device
+    )  # a resume: replay the records, then go on
     again = cls(resumed, lr=1e-5, eps=1e-2, record=True, **kw)
     apply_records(again, trajectory.records[:3])
     again.load_zo_state(zo)

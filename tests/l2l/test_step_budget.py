@@ -1,0 +1,183 @@
+"""A step's launches and host syncs (issue: the GPU step cost), and that the code paths an
+accelerator takes compute what the CPU's compute.
+
+``benchmarks/step_ops.py`` counts aten ops and syncs with ``torch.profiler``; here the same
+counter checks the sync budget on tiny models, and the accelerator policy (whole weights in one z
+draw and one GEMM, the gather embedding) is run on the CPU against the CPU policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import lm_closure, same_bits, snapshot, tiny_lm
+
+import l2l.perturb as perturb
+import l2l.z as zdef
+from l2l import LOZO, ZOSGD, HiZOO, Trajectory, replay
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = {
+    "mezo": (ZOSGD, {}),
+    "hizoo": (HiZOO, {"hessian_smooth": 1e-2}),
+    "lozo": (LOZO, {"rank": 2, "nu": 2, "momentum": 0.0}),
+    "lozo-m": (LOZO, {"rank": 2, "nu": 2, "momentum": 0.9}),
+}
+
+
+@pytest.fixture(scope="module")
+def step_ops():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("step_ops")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("step_ops", None)
+
+
+@pytest.fixture
+def accelerator_policy(monkeypatch):
+    """The CPU takes the accelerator's code paths (what ``step_ops.py --policy device`` does)."""
+    monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", {"cpu"})
+
+
+def test_gaussian_at_is_gaussian_at_those_positions():
+    for seed, block in ((1, 0), (7, 3)):
+        full = zdef.gaussian(seed, block, 0, (6000,), "cpu")
+        index = torch.randint(0, 6000, (3, 5, 41), generator=torch.Generator().manual_seed(seed))
+        at = zdef.gaussian_at(seed, block, index)
+        assert at.shape == index.shape and at.dtype == torch.float32
+        assert torch.equal(at.view(torch.int32), full[index].view(torch.int32))
+        assert torch.equal(zdef.gaussian_at(seed, block, torch.arange(6000)), full)
+
+
+def test_gaussian_at_in_several_passes(monkeypatch):
+    index = torch.arange(3 * zdef.GROUP + 17).flip(0)
+    whole = zdef.gaussian_at(2, 1, index)
+    zdef._WORKSPACES._by_device.clear()
+    monkeypatch.setattr(zdef, "CPU_PAIRS", zdef.GROUP)  # passes of 1024 elements
+    try:
+        assert torch.equal(zdef.gaussian_at(2, 1, index), whole)
+    finally:
+        zdef._WORKSPACES._by_device.clear()
+
+
+@pytest.mark.parametrize("name", ["mezo", "hizoo"])
+@pytest.mark.parametrize("chunk", [zdef.CHUNK_ELEMENTS, 257], ids=["whole", "chunked"])
+def test_gather_embedding_is_the_whole_weight_path(name, chunk, monkeypatch):
+    """The embedding perturbed at its looked-up rows only gives the losses (bit for bit) of the
+    path that perturbs the whole weight (or each 257-element chunk, with masks)."""
+    monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", chunk)
+    cls, kw = METHODS[name]
+    runs = []
+    for gather in (True, False):
+        if not gather:
+            monkeypatch.setattr(cls, "_has_direction_at", lambda self: False)
+        model = tiny_lm("opt")  # untied embedding: the embedding's z reaches the loss alone
+        opt = cls(model, lr=1e-2, eps=1e-2, record=True, **kw)
+        closure = lm_closure(model)
+        for _ in range(3):
+            opt.step(closure)
+        runs.append(([r.grad for r in opt.records], snapshot(model)))
+    assert runs[0][0] == runs[1][0]
+    assert same_bits(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_accelerator_policy_steps_like_the_cpu_policy(name, accelerator_policy, monkeypatch):
+    """Whole-weight draws and one GEMM per weight (the accelerator policy) against 257-element
+    chunks with sub-GEMMs (the CPU policy): the same losses up to the GEMMs' summation order, and
+    a trajectory recorded under one policy replays under the other bit for bit (MeZO, HiZOO:
+    elementwise updates) or to rounding (LOZO: its low-rank update is a GEMM, whose summation
+    order the BLAS picks by shape)."""
+    cls, kw = METHODS[name]
+    monkeypatch.setattr(perturb, "MATMUL_ELEMENTS", 100)
+    runs = {}
+    for policy in ("device", "cpu"):
+        monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", {"cpu"} if policy == "device" else set())
+        monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", 257)  # only the CPU policy reads it
+        model = tiny_lm("llama")
+        opt = cls(model, lr=1e-2, eps=1e-2, record=True, **kw)
+        closure = lm_closure(model)
+        losses = [float(opt.step(closure)) for _ in range(3)]
+        runs[policy] = (losses, Trajectory.from_optimizer(opt), snapshot(model))
+    assert runs["device"][0] == pytest.approx(runs["cpu"][0], abs=1e-5)
+    for recorded, other in (("device", "cpu"), ("cpu", "device")):
+        monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", {"cpu"} if other == "device" else set())
+        model = tiny_lm("llama")
+        replay(model, runs[recorded][1])
+        got, want = snapshot(model), runs[recorded][2]
+        if name.startswith("lozo"):
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+        else:
+            assert same_bits(got, want), f"{recorded} replayed as {other}"
+
+
+def test_chunk_policy_by_device(accelerator_policy):
+    assert zdef.chunk_elements(None) == zdef.CHUNK_ELEMENTS
+    assert zdef.chunk_elements("cpu") == zdef.ACCELERATOR_CHUNK_ELEMENTS
+    assert zdef.chunk_elements("meta") == zdef.ACCELERATOR_CHUNK_ELEMENTS
+    assert zdef.row_chunks((128_256, 2048), "cpu") == [(0, 128_256)]
+    zdef.ACCELERATOR_POLICY.clear()
+    assert zdef.chunk_elements("cpu") == zdef.CHUNK_ELEMENTS
+    assert len(zdef.row_chunks((128_256, 2048), "cpu")) == 63
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_step_syncs_once(name, step_ops, accelerator_policy):
+    """Without a tuner a step waits on the device once: the losses come back in one transfer;
+    no sync per block, chunk or embedding lookup."""
+    cls, kw = METHODS[name]
+    for arch in ("llama", "opt"):
+        model = tiny_lm(arch)
+        opt = cls(model, lr=1e-3, eps=1e-3, record=True, **kw)
+        closure = lm_closure(model)
+        with torch.no_grad():
+            opt.step(closure)  # lazy state (HiZOO's H, LOZO's V) outside the count
+            counts = step_ops.profile(lambda: opt.step(closure))  # noqa: B023
+        syncs = {k: v for k, v in counts.items() if k.startswith("sync:")}
+        # lm_closure's loss and labels add no sync; the one transfer is the losses'
+        assert sum(syncs.values()) <= 1, (arch, syncs)
+
+
+def test_device_statistics_match_the_cpu_path(accelerator_policy):
+    """The accelerator's block statistics (float64 sum and foreach norm, left on the device)
+    are those of the CPU path to float32 precision, also for a block whose mean dominates."""
+    from l2l.blocks import ParamBlocks
+
+    model = tiny_lm("llama")
+    with torch.no_grad():
+        model.model.norm.weight.add_(3.0)  # mean^2 >> var: the fast CPU path's fallback case
+    blocks = ParamBlocks.from_module(model)
+    device_mean, device_var = blocks.statistics(device=torch.device("cpu"))
+    zdef.ACCELERATOR_POLICY.clear()
+    mean, var = blocks.statistics()
+    torch.testing.assert_close(device_mean, mean, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(device_var, var, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mezo", "lozo"])
+def test_a_tuner_step_syncs_a_fixed_number_of_times(name, step_ops, accelerator_policy):
+    """With a tuner: the losses' transfer and the tuner's sigma (and host-side reads of that
+    host copy), independent of the number of blocks."""
+    from l2l.blocks import ParamBlocks
+    from l2l.tuner import Tuner
+
+    cls, kw = METHODS[name]
+    counts = []
+    for layers in (1, 3):
+        model = tiny_lm("llama")
+        model.model.layers = model.model.layers[:layers]
+        tuner = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="t")
+        opt = cls(model, lr=1e-3, eps=1e-3, block_scale=tuner, record=True, **kw)
+        closure = lm_closure(model)
+        with torch.no_grad():
+            opt.step(closure)
+            counts.append(step_ops.profile(lambda: opt.step(closure)))  # noqa: B023
+    syncs = [sum(v for k, v in c.items() if k.startswith("sync:")) for c in counts]
+    assert syncs[0] == syncs[1] <= 5, counts
