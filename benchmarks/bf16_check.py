@@ -1,4 +1,4 @@
-"""Does a bfloat16 run train as the float32 run does? (issue 14: updates kept in half precision)
+"""Does a bfloat16 run train as the float32 run does?
 
 The movie-review run of ``make demo`` (the bundled SmolLM2-135M tuner, 60 steps at lr 3e-5),
 once per variant, each from the same start and seed:

@@ -1,4 +1,4 @@
-"""Does the learned tuner beat MeZO, HiZOO and LOZO on tasks it never saw? (issue: evidence)
+"""Does the learned tuner beat MeZO, HiZOO and LOZO on tasks it never saw?
 
 A small-scale replica of the ZO Fine-tuner evaluation on SmolLM2-135M, offline:
 

@@ -78,39 +78,48 @@ def peak_memory(device: str) -> int:
 
 
 def count_gaussians() -> list[int]:
-    """Count the Gaussian elements ``l2l`` draws (every z chunk goes through ``gaussian_chunk``)."""
+    """Count the Gaussian elements ``l2l`` draws: every z draw goes through ``l2l.z.gaussian``
+    (whole chunks) or ``l2l.z.gaussian_at`` (looked-up positions)."""
     import l2l
     import l2l.methods.reference  # noqa: F401  (imported so that its reference is patched too)
     from l2l import z
 
-    drawn, draw = [0], z.gaussian_chunk
+    drawn, draw, draw_at = [0], z.gaussian, z.gaussian_at
 
-    def counting(step_seed, block, chunk, shape, *a, **kw):
+    def counting(step_seed, block, start, shape, *a, **kw):
         drawn[0] += torch.Size(shape).numel()
-        return draw(step_seed, block, chunk, shape, *a, **kw)
+        return draw(step_seed, block, start, shape, *a, **kw)
+
+    def counting_at(step_seed, block, index):
+        drawn[0] += index.numel()
+        return draw_at(step_seed, block, index)
 
     for name, module in list(sys.modules.items()):
-        if name.startswith("l2l") and getattr(module, "gaussian_chunk", None) is draw:
-            module.gaussian_chunk = counting
-    assert l2l.methods.lozo.gaussian_chunk is counting
+        if name.startswith("l2l"):
+            if getattr(module, "gaussian", None) is draw:
+                module.gaussian = counting
+            if getattr(module, "gaussian_at", None) is draw_at:
+                module.gaussian_at = counting_at
+    assert z.gaussian is counting and l2l.methods.mezo.gaussian_at is counting_at
     return drawn
 
 
 def sampler_seconds_per_element(device: str, sync, repeats: int = 5) -> float:
-    """Time of one float32 N(0, 1) draw by ``torch``'s generator on ``device`` (into a reused
-    buffer, as ``l2l`` draws transient chunks)."""
-    from l2l.z import CHUNK_ELEMENTS
+    """Time of one float32 N(0, 1) number of ``l2l.z`` on ``device``, drawn a chunk at a time into
+    the scratch buffer as the methods draw it (a new step seed each time: nothing cached)."""
+    from l2l.z import chunk_elements, gaussian
 
-    buf = torch.empty(CHUNK_ELEMENTS, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    numel = chunk_elements(device)
+    if torch.device(device).type != "cpu":
+        numel = min(numel, 1 << 24)  # a weight-sized draw; the whole 1 GiB budget is not needed
     times = []
-    for _ in range(repeats + 1):
+    for seed in range(repeats + 1):
         sync()
         t = time.perf_counter()
-        buf.normal_(generator=gen)
+        gaussian(seed, 0, 0, (numel,), device, transient=True)
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]) / CHUNK_ELEMENTS
+    return statistics.median(times[1:]) / numel
 
 
 def measure(args) -> dict:
@@ -248,7 +257,7 @@ def report(args, rows: list[dict]) -> None:
             f"{r['peak_bytes'] / 2**20:.0f} | {mem:.3f} |"
         )
     print(
-        "Sampling z (torch's N(0, 1) generator, timed in each worker): Gaussians drawn per step, "
+        "Sampling z (l2l.z's generator, timed in each worker): Gaussians drawn per step, "
         "their time at the measured rate, and the ratio a step would have if everything but "
         "the forwards and the sampling were free:"
     )

@@ -18,7 +18,7 @@ one GEMM) on this device, so that a CPU machine counts what a GPU step launches:
 
     python benchmarks/step_ops.py --model llama-3.2-1b --layers 1 --batch 2 --seq 16 --policy device
 
-Budget (issue 18): ratio <= 1.5 and syncs <= 2 for every method, with and without the tuner.
+Budget: ratio <= 1.5 and syncs <= 2 for every method, with and without the tuner.
 """
 
 from __future__ import annotations
