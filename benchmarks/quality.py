@@ -345,7 +345,22 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
     return results
 
 
-def summarise(all_runs: dict, args, budget, wall: float) -> str:
+def run_conditions(runs: list[dict | None]) -> str:
+    """Where and when the given runs ran, from their recorded provenance."""
+    recorded = [r["provenance"] for r in runs if r and "provenance" in r]
+    if not recorded:
+        return "no provenance recorded"
+    machines = sorted({p["machine"] for p in recorded})
+    threads = sorted({p["threads"] for p in recorded})
+    dates = sorted(p["date"][:10] for p in recorded)
+    span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    return (
+        f"{len(recorded)} run(s) on {'; '.join(machines)}, torch {', '.join(sorted({p['torch'] for p in recorded}))}, "
+        f"{'/'.join(map(str, threads))} torch thread(s) per run, {span}"
+    )
+
+
+def summarise(all_runs: dict, args, budget, wall: float, read_runs: list | None = None) -> str:
     """The per-(task, method) table over the seeds and the headline statistics.
 
     ``all_runs[(task, label)]`` lists one run per seed, in the order of ``budget["seeds"]``.
@@ -356,14 +371,15 @@ def summarise(all_runs: dict, args, budget, wall: float) -> str:
         "",
         f"model {args.model}; tuner {args.tuner}; tasks {', '.join(args.tasks)}; "
         f"{budget['steps']} steps, batch {budget['batch']}, seeds {seeds}; "
-        f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{args.jobs} run(s) at a time with "
-        f"{threads_per_job(args.jobs, getattr(args, 'threads', None))} torch "
-        "thread(s) each, every run in a fresh process; "
         + (
+            f"machine {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, "
+            f"{args.jobs} run(s) at a time with "
+            f"{threads_per_job(args.jobs, getattr(args, 'threads', None))} torch "
+            "thread(s) each, every run in a fresh process; "
             f"wall time of this invocation {wall / 60:.1f} min"
             if getattr(args, "ran", 1)
-            else "every run read from its JSON (none ran in this invocation)"
+            else "every run read from its JSON (none ran in this invocation): "
+            + run_conditions(read_runs or [r for rs in all_runs.values() for r in rs])
         )
         + ", sum of the runs below "
         f"{sum(r['wall_time_s'] for rs in all_runs.values() for r in rs) / 60:.1f} min",
@@ -586,7 +602,10 @@ def main(argv=None) -> None:
     all_runs = {key: [next(done) for _ in ss] for key, ss in specs.items()}
     all_runs = {key: rs for key, rs in all_runs.items() if None not in rs}
     first_order = list(done)
-    text = summarise(all_runs, args, budget, time.perf_counter() - start)
+    read = [r for rs in selection.values() for r in rs] + [
+        r for rs in all_runs.values() for r in rs
+    ]
+    text = summarise(all_runs, args, budget, time.perf_counter() - start, read)
     if selection:
         text += "\n\n" + selection_table(selection, lrs, args, budget)
     if args.first_order and any(first_order):

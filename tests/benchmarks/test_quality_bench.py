@@ -85,6 +85,21 @@ def test_summary_counts_tuner_wins_per_task_and_seed(quality):
     assert "| a | mezo+tuner | 1e-05 | 2.0000 ± 1.0000 | 0.500 -> 0.650 ± 0.050 |" in text
 
 
+def test_summary_of_read_runs_states_where_they_ran(quality):
+    """--summarise describes the runs' own machine, threads and dates, not its own invocation."""
+    args = argparse.Namespace(budget="small", model="m", tuner="t", tasks=["a"], jobs=4, ran=0)
+    budget = dict(steps=10, seeds=[0], batch=8)
+    runs = {("a", "mezo"): [run([2.0] * 10, 0.60)], ("a", "mezo+tuner"): [run([1.0] * 10, 0.7)]}
+    for day, (r,) in zip(("2026-12-01", "2026-12-03"), runs.values(), strict=True):
+        r["provenance"] = dict(date=f"{day}T10:00:00+00:00", machine="vm, 2 CPUs", torch="2.x")
+        r["provenance"]["threads"] = 1
+    text = quality.summarise(runs, args, budget, wall=1.0)
+    assert (
+        "none ran in this invocation): 2 run(s) on vm, 2 CPUs, torch 2.x, 1 torch thread(s)" in text
+    )
+    assert "2026-12-01 to 2026-12-03" in text and "4 run(s) at a time" not in text
+
+
 def test_run_all_resumes_and_reports_failures(quality, tmp_path):
     args = argparse.Namespace(jobs=2)
     done = tmp_path / "done.json"
