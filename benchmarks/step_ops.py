@@ -7,7 +7,9 @@ model of a real shape (no download), per method with and without a (fresh) learn
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
   counted; every z or random-bits draw (``record_function("l2l::z")``/``"l2l::bits"``) counts
-  as one kernel, as it is on CUDA, whatever its torch-op reference costs on this device;
+  as one kernel: the cost of a fused generator kernel, which is not built yet (today a draw is
+  about 60 torch ops per pass of 2^21 elements on any device), so the counts are those of the
+  design with that kernel;
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
 * ``syncs``: host synchronisations an accelerator would make: ``_local_scalar_dense``
   (``item``, ``float``, ``bool``), ``nonzero`` (masked indexing) and every ``tolist``/``cpu``/

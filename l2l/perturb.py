@@ -28,8 +28,9 @@ from l2l import z as zdef
 from l2l.blocks import ParamBlocks
 from l2l.z import row_chunks
 
-#: A chunked ``nn.Linear`` (e.g. a 49k-row LM head) multiplies at most this many output elements
-#: at a time, so its transient memory is one z chunk plus a few MiB, not a chunk-wide product.
+#: On the CPU a chunked ``nn.Linear`` (e.g. a 49k-row LM head) multiplies at most this many output
+#: elements at a time, so its transient memory is one z chunk plus a few MiB, not a chunk-wide
+#: product; on accelerators each chunk is one GEMM.
 #: Not part of z's definition (only of how the perturbed product is computed).
 MATMUL_ELEMENTS = 1 << 20
 
@@ -148,7 +149,12 @@ class Perturber:
             return _LowRankLinear(module, dict(entries), coeffs, direction, used, lowrank)
         if lowrank is not None and type(module) is nn.Embedding and names == {"weight"}:
             return _LowRankEmbedding(module, entries[0][1], coeffs, used, lowrank, forward)
-        if direction_at is not None and type(module) is nn.Embedding and names == {"weight"}:
+        if (
+            direction_at is not None
+            and type(module) is nn.Embedding
+            and names == {"weight"}
+            and module.max_norm is None  # max_norm renormalises rows in place: of the copy only
+        ):
             return _GatherEmbedding(module, entries[0][1], coeffs, direction_at, used, forward)
         big = "weight" in names and module.weight.numel() > zdef.chunk_elements(
             module.weight.device
@@ -254,11 +260,12 @@ class _GatherEmbedding:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.m.weight
         rows = self.forward(ids)  # (..., dim): the looked-up rows, unperturbed, w's dtype
-        ids = ids.to(w.device)
+        ids = ids.to(w.device, torch.int64)  # int32 ids: id * dim overflows past 2^31 elements
         dim = w.shape[1]
         index = ids.unsqueeze(-1) * dim + torch.arange(dim, device=w.device)
         u = self.direction_at(self.block, index)
-        return perturbed_chunk(rows.to(w.device), u, self.coeffs[self.block])
+        out = perturbed_chunk(rows.to(w.device), u, self.coeffs[self.block])
+        return out.to(rows.device)
 
 
 def _add_lowrank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, coeff: float):
@@ -293,7 +300,7 @@ def lowrank_perturbed(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, coeff: 
 class _LowRankLinear:
     """``nn.Linear`` at ``W + c U V^T``: as ``x W^T + c (x V) U^T`` when that is cheaper (see
     :func:`factored_is_cheaper`), else with a transient perturbed copy of W (one module's weight,
-    at most ``CHUNK_ELEMENTS``, like the Gaussian path)."""
+    at most ``chunk_elements(device)``, like the Gaussian path)."""
 
     def __init__(self, module, entries, coeffs, direction, used, factors):
         self.m, self.entries, self.coeffs, self.direction = module, entries, coeffs, direction

@@ -135,7 +135,8 @@ def chunk_view(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 #: ``2 G g + G + q``: every op of the generator then reads and writes runs of G contiguous values.
 GROUP = 1 << 10
 #: Pairs per pass (a multiple of GROUP): on CPU small enough that the intermediate buffers stay in
-#: cache (~7 MiB), elsewhere large enough for a chunk in two passes (~60 ops each; ~60 MiB).
+#: cache (~7 MiB), elsewhere 2^21 elements a pass (~60 ops each; ~60 MiB): a whole-weight chunk
+#: of an accelerator takes numel / 2^21 passes.
 CPU_PAIRS = 1 << 17
 DEVICE_PAIRS = 1 << 20
 
@@ -339,7 +340,8 @@ def gaussian(
 ) -> torch.Tensor:
     """Elements ``start, start + 1, ...`` of block ``block``'s z as a float32 tensor of ``shape``.
 
-    ``transient``: write into the device's scratch buffer (no allocation). The result is then
+    ``transient``: write into the device's scratch buffer (``CHUNK_ELEMENTS``; a larger draw, an
+    accelerator's whole weight, allocates its own). The result is then
     overwritten by the next transient draw, so use it at once and never keep it (no autograd).
     """
     device = torch.device(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import lm_closure, same_bits, snapshot, tiny_lm
+from torch import nn
 
 import l2l.perturb as perturb
 import l2l.z as zdef
@@ -181,3 +182,24 @@ def test_a_tuner_step_syncs_a_fixed_number_of_times(name, step_ops, accelerator_
             counts.append(step_ops.profile(lambda: opt.step(closure)))  # noqa: B023
     syncs = [sum(v for k, v in c.items() if k.startswith("sync:")) for c in counts]
     assert syncs[0] == syncs[1] <= 5, counts
+
+
+def test_max_norm_embedding_renormalises_the_perturbed_copy_only():
+    """``max_norm`` renormalises looked-up rows in place: only the perturbed copy, never theta
+    (the looked-up-rows path would renormalise the weight itself)."""
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(50, 8, max_norm=1.0)
+
+        def forward(self, ids):
+            return self.e(ids).sum()
+
+    torch.manual_seed(0)
+    model, ids = Lookup(), torch.randint(0, 50, (4, 6))
+    with torch.no_grad():
+        model.e.weight.mul_(3)  # rows far above max_norm
+    before = model.e.weight.detach().clone()
+    ZOSGD(model, lr=0.0, eps=0.1).step(lambda: model(ids))
+    assert torch.equal(model.e.weight, before)
