@@ -248,7 +248,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _has_direction_at(self) -> bool:
-        return type(self)._direction_at is not ZOOptimizer._direction_at
+        """Whether ``_direction_at`` gives this optimizer's direction: defined, and by the class
+        that defines ``_direction`` (a subclass overriding only ``_direction`` would otherwise
+        inherit a looked-up-rows direction that is not its own)."""
+
+        def owner(name: str) -> type:
+            return next(c for c in type(self).__mro__ if name in vars(c))
+
+        return owner("_direction_at") is not ZOOptimizer and owner("_direction_at") is owner(
+            "_direction"
+        )
 
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(U, V)`` with ``z_b = U V^T`` when block ``b``'s direction is low rank, else None;

@@ -203,3 +203,13 @@ def test_max_norm_embedding_renormalises_the_perturbed_copy_only():
     before = model.e.weight.detach().clone()
     ZOSGD(model, lr=0.0, eps=0.1).step(lambda: model(ids))
     assert torch.equal(model.e.weight, before)
+
+
+def test_a_subclass_with_its_own_direction_does_not_inherit_the_looked_up_rows():
+    class Sign(ZOSGD):  # a user's direction: sign(z); the looked-up-rows z is not it
+        def _direction(self, ctx, block, chunk):
+            return super()._direction(ctx, block, chunk).sign()
+
+    model = tiny_lm("llama")
+    assert ZOSGD(model)._has_direction_at() and HiZOO(model)._has_direction_at()
+    assert not Sign(model)._has_direction_at()
