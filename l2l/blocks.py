@@ -107,9 +107,9 @@ class ParamBlocks:
         return block_fingerprint(self.names, self.shapes)
 
     @torch.no_grad()
-    def statistics(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) float32 mean and (population) variance of every block, on the CPU, or left on
-        ``device`` (the blocks' own, no host transfer) when given.
+    def statistics(self, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) float32 mean and (population) variance of every block, on the CPU, or with
+        ``on_device`` left on the first block's device (no host transfer).
 
         On an accelerator each block is reduced by two kernels, ``sum`` and ``vector_norm``
         accumulating in float64 (whose ``E[x^2] - E[x]^2`` keeps 10+ digits at any mean), the
@@ -130,7 +130,7 @@ class ParamBlocks:
         if flats and accelerated(home) and not sharded:
             mean, var = _device_var_mean(flats, home)
             out = (mean.float(), var.float())
-            return out if device is not None else (out[0].cpu(), out[1].cpu())
+            return out if on_device else (out[0].cpu(), out[1].cpu())
         means: list[torch.Tensor | None] = [None] * len(flats)
         variances: list[torch.Tensor | None] = [None] * len(flats)
         large = [b for b, flat in enumerate(flats) if flat.numel() > EXACT_STATS]
@@ -149,7 +149,7 @@ class ParamBlocks:
         # blocks may live on several devices (a device_map split): gather on the first block's
         mean = torch.stack([m.to(home) for m in means]).float()
         var = torch.stack([v.to(home) for v in variances]).float()
-        return (mean, var) if device is not None else (mean.cpu(), var.cpu())
+        return (mean, var) if on_device else (mean.cpu(), var.cpu())
 
 
 def _device_var_mean(flats: list[torch.Tensor], home: torch.device):

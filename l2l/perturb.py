@@ -142,26 +142,25 @@ class Perturber:
         if module.__dict__.get("forward") is not None:
             forward = module.__dict__["forward"]
         names = {name for name, _ in entries}
+        # an embedding whose forward only reads rows: its paths look up the unperturbed rows and
+        # perturb those (with max_norm the lookup renormalises rows in place, so it must run on
+        # a perturbed copy, never on theta: the generic path below)
+        lookup = type(module) is nn.Embedding and names == {"weight"} and module.max_norm is None
         lowrank = None  # only the modules with a factored forward ask for (U, V)
         if factors is not None and "weight" in names and type(module) in (nn.Linear, nn.Embedding):
             lowrank = factors(dict(entries)["weight"])
         if lowrank is not None and type(module) is nn.Linear:
             return _LowRankLinear(module, dict(entries), coeffs, direction, used, lowrank)
-        if lowrank is not None and type(module) is nn.Embedding and names == {"weight"}:
+        if lowrank is not None and lookup:
             return _LowRankEmbedding(module, entries[0][1], coeffs, used, lowrank, forward)
-        if (
-            direction_at is not None
-            and type(module) is nn.Embedding
-            and names == {"weight"}
-            and module.max_norm is None  # max_norm renormalises rows in place: of the copy only
-        ):
+        if direction_at is not None and lookup:
             return _GatherEmbedding(module, entries[0][1], coeffs, direction_at, used, forward)
         big = "weight" in names and module.weight.numel() > zdef.chunk_elements(
             module.weight.device
         )
         if big and type(module) is nn.Linear:
             return _ChunkedLinear(module, dict(entries), coeffs, direction, used)
-        if big and type(module) is nn.Embedding and names == {"weight"}:
+        if big and lookup:
             return _ChunkedEmbedding(module, entries[0][1], coeffs, direction, used, forward)
 
         def run(*args, **kwargs):
@@ -207,9 +206,11 @@ class _ChunkedLinear:
         out = x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out_features)
         # rows of W perturbed and multiplied at once: on the CPU bounds the perturbed copy and
         # the product; an accelerator multiplies a chunk in one GEMM
-        step = max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
-        if zdef.accelerated(w.device):
-            step = w.shape[0]
+        step = (
+            w.shape[0]
+            if zdef.accelerated(w.device)
+            else max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
+        )
         for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
             z = self.direction(wb, c)
             for a in range(r0, r1, step):

@@ -17,11 +17,11 @@ def block_features(
     blocks: ParamBlocks,
     prev_losses: tuple[float, float],
     prev_sigma: torch.Tensor,
-    device: torch.device | None = None,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block,
-    on the CPU, or on ``device`` (the blocks' first device) with no host transfer."""
-    mean, var = blocks.statistics(device=device)
+    on the CPU, or with ``on_device`` on the blocks' first device with no host transfer."""
+    mean, var = blocks.statistics(on_device=on_device)
     n, where = len(blocks), mean.device
     lp = torch.full((n,), float(prev_losses[0]), device=where)
     lm = torch.full((n,), float(prev_losses[1]), device=where)

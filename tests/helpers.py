@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
 from pathlib import Path
 
 import torch
@@ -109,3 +112,17 @@ def finetune_argv(task: Path | str, out: Path, *extra: str, steps: int = 3) -> l
         "--no_progress",
         *extra,
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module, with ``benchmarks/`` on ``sys.path`` while
+    it is used (a process pool's spawned workers get the parent's ``sys.path`` and can import the
+    module their initializer lives in)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+        sys.modules.pop(name, None)

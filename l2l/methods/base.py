@@ -219,8 +219,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def features(self) -> torch.Tensor:
         """(B, 5) float32 tuner features: mean, var, L+ prev, L- prev, sigma prev."""
         home = self.blocks.params[0].device if len(self.blocks) else None
-        device = home if accelerated(home) else None  # accelerators: built where the weights are
-        return block_features(self.blocks, self._prev_losses, self._prev_sigma, device=device)
+        on_device = accelerated(home)  # accelerators: built where the weights are
+        return block_features(self.blocks, self._prev_losses, self._prev_sigma, on_device)
 
     def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(raw sigma, effective nf * sigma) from the provider, or (None, None) without one."""

@@ -5,26 +5,16 @@ in ``test_finetune_cli.py``."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    # on sys.path, so that the pool's spawned processes (which get the parent's sys.path) can
-    # import the module their initializer lives in
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("quality")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-        sys.modules.pop("quality", None)
+    with benchmark_module("quality") as module:
+        yield module
 
 
 def run(losses, acc_after, acc_before=0.5, lr=1e-5, dev=None) -> dict:

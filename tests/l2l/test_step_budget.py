@@ -1,4 +1,4 @@
-"""A step's launches and host syncs (issue: the GPU step cost), and that the code paths an
+"""A step's launches and host syncs, and that the code paths an
 accelerator takes compute what the CPU's compute.
 
 ``benchmarks/step_ops.py`` counts aten ops and syncs with ``torch.profiler``; here the same
@@ -8,20 +8,15 @@ draw and one GEMM, the gather embedding) is run on the CPU against the CPU polic
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import lm_closure, same_bits, snapshot, tiny_lm
+from helpers import benchmark_module, lm_closure, same_bits, snapshot, tiny_lm
 from torch import nn
 
 import l2l.perturb as perturb
 import l2l.z as zdef
 from l2l import LOZO, ZOSGD, HiZOO, Trajectory, replay
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = {
     "mezo": (ZOSGD, {}),
     "hizoo": (HiZOO, {"hessian_smooth": 1e-2}),
@@ -32,12 +27,8 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def step_ops():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("step_ops")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-        sys.modules.pop("step_ops", None)
+    with benchmark_module("step_ops") as module:
+        yield module
 
 
 @pytest.fixture
@@ -155,7 +146,7 @@ def test_device_statistics_match_the_cpu_path(accelerator_policy):
     with torch.no_grad():
         model.model.norm.weight.add_(3.0)  # mean^2 >> var: the fast CPU path's fallback case
     blocks = ParamBlocks.from_module(model)
-    device_mean, device_var = blocks.statistics(device=torch.device("cpu"))
+    device_mean, device_var = blocks.statistics(on_device=True)
     zdef.ACCELERATOR_POLICY.clear()
     mean, var = blocks.statistics()
     torch.testing.assert_close(device_mean, mean, rtol=1e-5, atol=1e-8)
@@ -184,9 +175,14 @@ def test_a_tuner_step_syncs_a_fixed_number_of_times(name, step_ops, accelerator_
     assert syncs[0] == syncs[1] <= 5, counts
 
 
-def test_max_norm_embedding_renormalises_the_perturbed_copy_only():
+@pytest.mark.parametrize(
+    "name,chunk", [("mezo", None), ("mezo", 64), ("lozo", None)]
+)  # looked-up rows, row chunks (a 400-element chunk here), low rank
+def test_max_norm_embedding_renormalises_the_perturbed_copy_only(name, chunk, monkeypatch):
     """``max_norm`` renormalises looked-up rows in place: only the perturbed copy, never theta
-    (the looked-up-rows path would renormalise the weight itself)."""
+    (a path that looks up unperturbed rows would renormalise the weight itself)."""
+    if chunk is not None:
+        monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", chunk)
 
     class Lookup(nn.Module):
         def __init__(self):
@@ -201,7 +197,8 @@ def test_max_norm_embedding_renormalises_the_perturbed_copy_only():
     with torch.no_grad():
         model.e.weight.mul_(3)  # rows far above max_norm
     before = model.e.weight.detach().clone()
-    ZOSGD(model, lr=0.0, eps=0.1).step(lambda: model(ids))
+    cls, kw = METHODS[name]
+    cls(model, lr=0.0, eps=0.1, **kw).step(lambda: model(ids))
     assert torch.equal(model.e.weight, before)
 
 
