@@ -1,12 +1,13 @@
 """z and trajectories mean the same on every device: a check to run on each new device.
 
 1. **z**: :func:`l2l.z.gaussian` (whole and offset draws, one larger than a CPU chunk),
-   :func:`l2l.z.gaussian_at` and :func:`l2l.z.counter_bits` on ``--device`` against the CPU,
-   bit for bit.
+   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits` and :func:`l2l.rounding.sqrt_rn` on
+   ``--device`` against the CPU, bit for bit.
 2. **Replay**: a few steps of every method (float32 and bfloat16, MeZO also with a tuner) on a
    tiny Llama trained on ``--device`` (with the accelerator's code paths: whole weights, gather
    embedding), its trajectory replayed on the CPU (the CPU's chunking) and on the device; the
-   replayed weights against the trained ones. MeZO and HiZOO updates are elementwise and must
+   replayed weights against the trained ones (HiZOO's H moves fast, hessian_smooth 0.1, so that
+   its z / sqrt(H) is tested). MeZO and HiZOO updates are elementwise and must
    match bit for bit; LOZO's low-rank update is a GEMM, whose summation order the BLAS picks,
    so its difference is reported, not required to be zero.
 
@@ -55,6 +56,11 @@ def check_z(device: str) -> list[dict]:
     cpu_bits = zdef.counter_bits(5, 3, 1 << 20, "cpu")
     dev_bits = zdef.counter_bits(5, 3, 1 << 20, device)
     rows.append(dict(what="counter_bits 1M", equal=torch.equal(dev_bits.cpu(), cpu_bits)))
+    from l2l.rounding import sqrt_rn  # HiZOO's sqrt(H)
+
+    h = torch.rand(1 << 20, generator=torch.Generator().manual_seed(1)) * 4 + 1e-3
+    same = torch.equal(bits(sqrt_rn(h.to(device))), bits(sqrt_rn(h)))
+    rows.append(dict(what="sqrt_rn 1M", equal=same))
     return rows
 
 
@@ -75,7 +81,10 @@ def _train(method: str, dtype: torch.dtype, device: str, steps: int):
             net.b2.copy_(torch.linspace(0.5, 2.0, net.num_blocks))
         kw["block_scale"] = net.to(device)
     lr = 1e-2 if dtype == torch.float32 else 1e-3
-    opt = make_method(name, model, lr=lr, eps=1e-2, rank=2, nu=2, record=True, **kw)
+    # hessian_smooth 0.1: HiZOO's H leaves 1 at once, so its directions z / sqrt(H) are tested
+    opt = make_method(
+        name, model, lr=lr, eps=1e-2, rank=2, nu=2, hessian_smooth=0.1, record=True, **kw
+    )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (4, 12), generator=gen).to(device)
 

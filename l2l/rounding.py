@@ -71,6 +71,20 @@ def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+def sqrt_rn(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded ``sqrt`` of a float32 tensor, the same bits on every device.
+
+    torch's CPU float32 ``sqrt`` is not correctly rounded (about 0.6% of inputs come out one ulp
+    off; CUDA's is IEEE ``sqrt.rn``), so a curvature ``H`` measured on a GPU would give a CPU
+    replay other directions ``z / sqrt(H)``. On the CPU the root is taken in float64 and rounded
+    once to float32, which is correctly rounded for ``sqrt`` (53 >= 2 * 24 + 2 bits); elsewhere
+    it is the device's own single-op ``sqrt``.
+    """
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        return torch.sqrt(t.double()).float()
+    return torch.sqrt(t)
+
+
 def rounding_key(step_seed: int, block: int, salt: int) -> int:
     """The key of block ``block``'s rounding bits at ``step_seed`` (``salt``: which stream)."""
     return mix_seed(step_seed, block, salt)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _loss_scalar
-from l2l.rounding import SALT_HESSIAN, round_into, rounding_key, upcast
+from l2l.rounding import SALT_HESSIAN, round_into, rounding_key, sqrt_rn, upcast
 from l2l.z import chunk_start, chunk_view, gaussian_at, param_chunk_z, row_chunks
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
@@ -72,11 +72,11 @@ class HiZOO(ZOOptimizer):
         return chunk_view(self.state[p]["hessian"], r0, r1)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
-        return self._z(ctx.seed, block, chunk).div_(self._hessian(block, chunk).sqrt())
+        return self._z(ctx.seed, block, chunk).div_(sqrt_rn(self._hessian(block, chunk)))
 
     def _direction_at(self, ctx: StepContext, block: int, index):
         hessian = self.state[self.blocks.params[block]]["hessian"].view(-1)
-        return gaussian_at(ctx.seed, block, index).div_(hessian[index].sqrt())
+        return gaussian_at(ctx.seed, block, index).div_(sqrt_rn(hessian[index]))
 
     def _losses(self, ctx, closure):
         l0 = _loss_scalar(closure())
@@ -93,7 +93,7 @@ class HiZOO(ZOOptimizer):
 
     def _apply(self, record: StepRecord) -> None:
         self._sgd_update(
-            record, lambda b, c: self._z(record.seed, b, c).div_(self._hessian(b, c).sqrt())
+            record, lambda b, c: self._z(record.seed, b, c).div_(sqrt_rn(self._hessian(b, c)))
         )
         alpha = self.group["hessian_smooth"]
         if alpha == 0.0:
