@@ -25,7 +25,11 @@ between CPU and CUDA, and torch's CPU ``sqrt`` is not even correctly rounded.
 :mod:`l2l.z_reference` computes the same numbers one element at a time; the tests compare the two
 bit-for-bit.
 
-This module imports nothing of ``l2l``; blocks, shards, the perturber and the methods import it.
+On CUDA, when Triton is installed, a draw is one kernel (:mod:`l2l.z_triton`, the same
+operations in registers; :data:`KERNEL_DEVICES`), with these torch ops as its reference.
+
+This module imports nothing else of ``l2l`` (the kernels only when a draw needs them); blocks,
+shards, the perturber and the methods import it.
 """
 
 from __future__ import annotations
@@ -61,6 +65,26 @@ def accelerated(device: torch.device | str | None) -> bool:
 def chunk_elements(device: torch.device | str | None = None) -> int:
     """Elements of one direction chunk on ``device`` (None: the CPU's)."""
     return ACCELERATOR_CHUNK_ELEMENTS if accelerated(device) else CHUNK_ELEMENTS
+
+
+#: Device types whose draws run as one Triton kernel each (:mod:`l2l.z_triton`) when Triton
+#: imports; elsewhere, and without Triton, the torch ops below. The tests add ``"cpu"`` with
+#: ``TRITON_INTERPRET=1`` to compare the kernels with the torch ops.
+KERNEL_DEVICES: set[str] = {"cuda"}
+_KERNELS: list = []  # [module or None] once the import was tried
+
+
+def _kernels(device: torch.device):
+    """:mod:`l2l.z_triton` when ``device`` takes the kernels and Triton imports, else None."""
+    if device.type not in KERNEL_DEVICES:
+        return None
+    if not _KERNELS:
+        try:
+            from l2l import z_triton
+        except ImportError:  # no Triton: the torch ops
+            z_triton = None
+        _KERNELS.append(z_triton)
+    return _KERNELS[0]
 
 
 _MASK64 = (1 << 64) - 1
@@ -321,6 +345,11 @@ _RECENT = _Recent()
 def _draw(key: int, start: int, numel: int, device: torch.device, flat: torch.Tensor | None):
     """Elements ``start .. start + numel - 1`` of stream ``key`` (flat, float32), written into
     ``flat`` (room for the whole groups they span) when given."""
+    kernels = _kernels(device)
+    if kernels is not None:  # one kernel, exactly the elements asked for
+        if flat is None or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=torch.float32, device=device)
+        return kernels.draw(key, start, flat[:numel])
     span = 2 * GROUP  # elements of one group
     g0 = start // span
     groups = -(-(start + numel) // span) - g0 if numel else 0
@@ -367,6 +396,11 @@ def gaussian_at(step_seed: int, block: int, index: torch.Tensor) -> torch.Tensor
     key, device = z_key(step_seed, block), index.device
     flat = index.reshape(-1)
     out = torch.empty(flat.numel(), dtype=torch.float32, device=device)
+    kernels = _kernels(device)
+    if kernels is not None:
+        with torch.profiler.record_function("l2l::z"):
+            kernels.draw_at(key, flat.to(torch.int64).contiguous(), out)
+        return out.view(index.shape)
     ws = _WORKSPACES.get(device)
     base = _signed64(key + GAMMA)  # pair k's state: k GAMMA + key + GAMMA
     with torch.profiler.record_function("l2l::z"):
@@ -397,6 +431,9 @@ def counter_bits(
     with torch.profiler.record_function("l2l::bits"):
         if out is None:
             out = torch.empty(numel, dtype=torch.int64, device=device)
+        kernels = _kernels(device)
+        if kernels is not None:
+            return kernels.bits(key, start, out.view(-1))
         ws, flat = _WORKSPACES.get(device), out.view(-1)
         for a in range(0, numel, ws.pairs):
             n = min(ws.pairs, numel - a)

@@ -1,0 +1,109 @@
+"""The Triton kernels of z (l2l.z_triton) give the torch-op generator's bits.
+
+They run under Triton's interpreter (``TRITON_INTERPRET=1``: NumPy on the CPU, each float32
+operation IEEE-rounded as on a GPU compiled without FMA contraction), in a child process so
+that the interpreter setting, read when Triton compiles, cannot leak into other tests. On a GPU,
+``benchmarks/device_check.py`` compares the compiled kernels with the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+TESTS = Path(__file__).resolve().parents[1]
+
+CHECK = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from helpers import lm_closure, snapshot, tiny_lm
+from l2l import z as zdef, z_triton
+from l2l.methods.factory import make_method
+
+launches = {"draw": 0, "draw_at": 0, "bits": 0}
+for name in launches:
+    def counted(*a, _f=getattr(z_triton, name), _n=name):
+        launches[_n] += 1
+        return _f(*a)
+    setattr(z_triton, name, counted)
+
+def bits(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+def draws():
+    out = [zdef.gaussian(s, b, st, (n,), "cpu") for s, b, st, n in (
+        (1, 0, 0, 1000), (31, 7, 12345, 70_001), (5, 2, 3, 257), (9, 1, 2048, 4096), (2, 3, 7, 1))]
+    out.append(zdef.gaussian_at(9, 4, torch.randint(0, 90_000, (3, 50),
+                                generator=torch.Generator().manual_seed(0))))
+    out.append(zdef.counter_bits(5, 3, 5000, "cpu"))
+    return [bits(t) for t in out]
+
+def train(method, dtype):
+    model = tiny_lm("llama", dtype=dtype)
+    opt = make_method(method, model, lr=1e-2 if dtype == torch.float32 else 1e-3, eps=1e-2,
+                      rank=2, nu=2, hessian_smooth=0.1)
+    closure = lm_closure(model)
+    with torch.no_grad():
+        for _ in range(3):
+            opt.step(closure)
+    return [bits(v) for v in snapshot(model).values()]
+
+runs = [("draws", None, None)] + [("train", m, d) for m in ("mezo", "hizoo", "lozo")
+                                  for d in (torch.float32, torch.bfloat16)]
+mismatches = []
+for accelerator in (False, True):  # the CPU's chunking, then whole weights + gathered embedding
+    for what, method, dtype in runs:
+        got = []
+        for kernels in (False, True):
+            zdef.KERNEL_DEVICES.clear()
+            zdef.ACCELERATOR_POLICY.clear()
+            if kernels:
+                zdef.KERNEL_DEVICES.add("cpu")
+            if accelerator:
+                zdef.ACCELERATOR_POLICY.add("cpu")
+            zdef._RECENT = zdef._Recent()  # no small draw served from the other path's cache
+            got.append(draws() if what == "draws" else train(method, dtype))
+        if not all(torch.equal(a, b) for a, b in zip(*got, strict=True)):
+            mismatches.append(f"{what} {method} {dtype} accelerator={accelerator}")
+print(json.dumps({"mismatches": mismatches, "launches": launches}))
+"""
+
+
+def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK, str(TESTS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mismatches"] == []
+    launches = result["launches"]
+    # every entry point ran as a kernel: whole draws, looked-up rows, rounding bits (bfloat16)
+    assert launches["draw"] > 100 and launches["draw_at"] > 0 and launches["bits"] > 0, launches
+
+
+def test_cuda_takes_the_kernels_and_a_missing_triton_falls_back(monkeypatch):
+    import torch
+
+    from l2l import z as zdef
+
+    assert "cuda" in zdef.KERNEL_DEVICES
+    assert zdef._kernels(torch.device("cpu")) is None
+    monkeypatch.setattr(zdef, "_KERNELS", [None])  # as if `import triton` had failed
+    monkeypatch.setattr(zdef, "KERNEL_DEVICES", {"cpu"})
+    assert zdef._kernels(torch.device("cpu")) is None
+    ref = zdef.gaussian(3, 1, 5, (100,), "cpu")
+    monkeypatch.setattr(zdef, "KERNEL_DEVICES", set())
+    assert torch.equal(ref, zdef.gaussian(3, 1, 5, (100,), "cpu"))
