@@ -6,10 +6,10 @@ model of a real shape (no download), per method with and without a (fresh) learn
 
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
-  counted; every z or random-bits draw (``record_function("l2l::z")``/``"l2l::bits"``) counts
-  as one kernel: the cost of a fused generator kernel, which is not built yet (today a draw is
-  about 60 torch ops per pass of 2^21 elements on any device), so the counts are those of the
-  design with that kernel;
+  counted; every z draw, random-bits draw and fused draw-and-add
+  (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) counts as one kernel: what
+  it is on CUDA with Triton (:mod:`l2l.z_triton`); on other devices the torch-op reference runs,
+  about 60 ops per pass of 2^21 elements;
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
 * ``syncs``: host synchronisations an accelerator would make: ``_local_scalar_dense``
   (``item``, ``float``, ``bool``), ``nonzero`` (masked indexing) and every ``tolist``/``cpu``/
@@ -45,11 +45,11 @@ NO_KERNEL = {
         "resolve_neg split split_with_sizes chunk unbind narrow unflatten flatten view_as "
         "empty empty_like empty_strided new_empty new_empty_strided set_ result_type "
         "_has_compatible_shallow_copy_type is_nonzero size stride numel dim contiguous "
-        "lift to _to_copy_noop"
+        "lift to _to_copy_noop numpy_T mT"
     ).split()
 }
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero"}
-RANGES = ("l2l::z", "l2l::bits")
+RANGES = ("l2l::z", "l2l::bits", "l2l::add_z")
 
 
 def count_events(prof) -> Counter:

@@ -57,15 +57,43 @@ def perturbed_chunk(value: torch.Tensor, u: torch.Tensor, coeff: float) -> torch
     return u.mul(coeff).add_(value.float()).to(value.dtype)
 
 
+class PlainZ:
+    """The direction that is z itself: chunk ``c`` of block ``b`` is :mod:`l2l.z`'s draw of
+    ``(seed, b)`` at the chunk's positions (MeZO's, with or without block scales).
+
+    Called as a :data:`Direction` it returns the chunk of z; perturbers and updates that know it
+    is plain z call :meth:`add` instead, which draws and adds in one kernel where
+    :func:`l2l.z.add_z` has one (CUDA) and is exactly the draw plus :func:`perturbed_chunk`'s ops
+    elsewhere."""
+
+    def __init__(self, seed: int, params: Sequence[torch.Tensor]) -> None:
+        self.seed, self.params = seed, params
+
+    def __call__(self, block: int, chunk: int) -> torch.Tensor:
+        return zdef.param_chunk_z(self.seed, block, chunk, self.params[block], transient=True)
+
+    def add(self, x: torch.Tensor, block: int, start: int, coeff: float, out=None):
+        """``x + coeff * z`` for the elements of block ``block`` from ``start`` (x's shape)."""
+        return zdef.add_z(x, self.seed, block, start, coeff, out=out)
+
+
 def perturbed_block(
     param: torch.Tensor, block: int, direction: Direction, coeff: float
 ) -> torch.Tensor:
     chunks = row_chunks(param.shape, param.device)
+    per_row = torch.Size(param.shape[1:]).numel()  # elements before row r0: r0 * per_row
+
+    def chunk(c: int, r0: int, r1: int) -> torch.Tensor:
+        value = zdef.chunk_view(param.detach(), r0, r1)
+        if isinstance(direction, PlainZ):
+            return direction.add(value, block, r0 * per_row, coeff)
+        return perturbed_chunk(value, direction(block, c), coeff)
+
     if len(chunks) == 1:
-        return perturbed_chunk(param.detach(), direction(block, 0), coeff)
+        return chunk(0, *chunks[0])
     out = torch.empty_like(param)
     for c, (r0, r1) in enumerate(chunks):
-        out[r0:r1] = perturbed_chunk(param.detach()[r0:r1], direction(block, c), coeff)
+        out[r0:r1] = chunk(c, r0, r1)
     return out
 
 
@@ -211,7 +239,12 @@ class _ChunkedLinear:
             if zdef.accelerated(w.device)
             else max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
         )
+        per_row = torch.Size(w.shape[1:]).numel()
         for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
+            if isinstance(self.direction, PlainZ) and step >= r1 - r0:  # one fused copy
+                wc = self.direction.add(w.detach()[r0:r1], wb, r0 * per_row, self.coeffs[wb])
+                out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
+                continue
             z = self.direction(wb, c)
             for a in range(r0, r1, step):
                 b = min(a + step, r1)

@@ -388,6 +388,39 @@ def gaussian(
         return out.view(shape)
 
 
+def add_z(
+    x: torch.Tensor,
+    step_seed: int,
+    block: int,
+    start: int,
+    alpha: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x + alpha * z``, z being elements ``start .. start + x.numel() - 1`` of block ``block``'s
+    direction (``x``'s shape), computed in float32 and returned in ``x``'s dtype: a perturbed
+    copy of a weight chunk, or with ``out=x`` an in-place update.
+
+    float32 ``x``: ``torch.add(x, z, alpha=alpha)`` (one FMA per element on the CPU and on CUDA);
+    half precision: ``z.mul(alpha).add_(x.float()).to(x.dtype)``. Where the kernels run
+    (:data:`KERNEL_DEVICES`) it is one kernel that never writes z; elsewhere a transient draw and
+    those ops, the kernel's reference. Profiled as ``record_function("l2l::add_z")``.
+    """
+    kernels = _kernels(x.device)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with torch.profiler.record_function("l2l::add_z"):
+        fused = kernels is not None and x.dtype in _FUSED_DTYPES and out.dtype == x.dtype
+        if fused and x.is_contiguous() and out.is_contiguous():
+            return kernels.add_z(x, z_key(step_seed, block), start, alpha, out)
+        z = gaussian(step_seed, block, start, x.shape, x.device, transient=True)
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.add(x, z, alpha=alpha, out=out)
+        return out.copy_(z.mul_(alpha).add_(x.float()))
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def gaussian_at(step_seed: int, block: int, index: torch.Tensor) -> torch.Tensor:
     """Elements ``index`` (an int64 tensor of positions in the block) of block ``block``'s z, as
     float32 of ``index``'s shape on its device: the same bits as :func:`gaussian` gives at those

@@ -118,6 +118,31 @@ def _at_kernel(out_ptr, index_ptr, key, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + j, tl.where(((i >> 10) & 1) == 1, out1, out0), mask=mask)
 
 
+@triton.jit
+def _add_z_kernel(out_ptr, x_ptr, key, start, numel, first_group, alpha, FMA: tl.constexpr):
+    """``out = x + alpha z`` over elements ``[start, start + numel)`` of the stream, the groups of
+    :func:`_draw_kernel`: float32 ``x`` as one FMA (torch's ``add(x, z, alpha=alpha)``), half
+    precision ``x`` as ``z alpha + float(x)`` rounded twice, then to ``out``'s dtype (torch's
+    ``z.mul(alpha).add_(x.float()).to(x.dtype)``)."""
+    g = first_group + tl.program_id(0).to(tl.int64)
+    q = tl.arange(0, _G).to(tl.int64)
+    out0, out1 = _box_muller(_pair_bits(key, g * _G + q))
+    first = 2 * _G * g + q - start
+    _add_store(out_ptr, x_ptr, first, numel, out0, alpha, FMA)
+    _add_store(out_ptr, x_ptr, first + _G, numel, out1, alpha, FMA)
+
+
+@triton.jit
+def _add_store(out_ptr, x_ptr, pos, numel, z, alpha, FMA: tl.constexpr):
+    mask = (pos >= 0) & (pos < numel)
+    x = tl.load(x_ptr + pos, mask=mask, other=0.0)
+    if FMA:
+        y = tl.fma(z, alpha, x)
+    else:
+        y = z * alpha + x.to(tl.float32)
+    tl.store(out_ptr + pos, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 _AT_BLOCK = 1024
 
 
@@ -130,6 +155,20 @@ def draw(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
         g0 = start // span
         groups = -(-(start + numel) // span) - g0
         _draw_kernel[(groups,)](out, key, start, numel, g0, **_OPTIONS)
+    return out
+
+
+def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = x + alpha z`` for elements ``start .. start + x.numel() - 1`` of stream ``key``
+    (contiguous ``x`` and ``out`` of one dtype: float32, bfloat16 or float16; ``out`` may be
+    ``x``), in one kernel: z is never written to memory."""
+    numel = x.numel()
+    if numel:
+        span = 2 * zdef.GROUP
+        g0 = start // span
+        groups = -(-(start + numel) // span) - g0
+        fma = x.dtype == torch.float32
+        _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
     return out
 
 

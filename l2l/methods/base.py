@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from l2l.blocks import ParamBlocks, is_no_decay
-from l2l.perturb import Perturber
+from l2l.perturb import Perturber, PlainZ
 from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key, upcast
-from l2l.scales import block_features, normalisation
+from l2l.scales import block_features
 from l2l.z import accelerated, chunk_start, chunk_view, mix_seed, row_chunks
 
 BlockScale = Callable[[torch.Tensor], torch.Tensor]
@@ -64,7 +64,7 @@ class StepRecord:
 class StepContext:
     step: int
     seed: int
-    scales: torch.Tensor | None  # (B,) float64, nf * sigma_b
+    scales: list[float] | None  # nf * sigma_b per block
 
 
 def _loss_scalar(loss: Any) -> torch.Tensor | float:
@@ -168,6 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.nonfinite_steps = 0
         self.step_count = 0
         self._numels = self.blocks.numels
+        self._numel_list = [p.numel() for p in self.blocks.params]
         self._no_decay = [
             is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)
         ]
@@ -223,20 +224,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         return block_features(self.blocks, self._prev_losses, self._prev_sigma, on_device)
 
     def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(raw sigma, effective nf * sigma) from the provider, or (None, None) without one."""
+        """(raw sigma, effective nf * sigma) from the provider as float64 tensors, or
+        (None, None) without one."""
+        sigma, scales = self._block_scale_values()
+        if sigma is None:
+            return None, None
+        return torch.tensor(sigma, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64)
+
+    def _block_scale_values(self) -> tuple[list[float] | None, list[float] | None]:
+        """(raw sigma, nf * sigma) as Python floats: the provider's output crosses to the host
+        once (one ``tolist``) and nothing after it reads a tensor back."""
         if self.block_scale is None:
             return None, None
         with torch.no_grad():
-            # the tuner's one host transfer
-            sigma = self.block_scale(self.features()).detach().double().reshape(-1).cpu()
-        if sigma.numel() != len(self.blocks) or not bool((sigma > 0).all()):
+            sigma = self.block_scale(self.features()).detach().double().reshape(-1).tolist()
+        if len(sigma) != len(self.blocks) or not all(s > 0 for s in sigma):  # NaN fails too
             raise ValueError(
-                f"block_scale must return {len(self.blocks)} positive scales, got shape "
-                f"{tuple(sigma.shape)} with min {float(sigma.min()) if sigma.numel() else 'n/a'}"
+                f"block_scale must return {len(self.blocks)} positive scales, got "
+                f"{len(sigma)} with min {min(sigma) if sigma else 'n/a'}"
             )
         if not self.normalize:
-            return sigma, sigma
-        return sigma, sigma * normalisation(sigma, self._numels)
+            return sigma, list(sigma)
+        # nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2), with correctly rounded sums
+        weighted = math.fsum(n * s * s for n, s in zip(self._numel_list, sigma, strict=True))
+        nf = math.sqrt(math.fsum(self._numel_list)) / math.sqrt(weighted)
+        return sigma, [s * nf for s in sigma]
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
@@ -252,12 +264,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         that defines ``_direction`` (a subclass overriding only ``_direction`` would otherwise
         inherit a looked-up-rows direction that is not its own)."""
 
-        def owner(name: str) -> type:
-            return next(c for c in type(self).__mro__ if name in vars(c))
-
+        owner = self._owner
         return owner("_direction_at") is not ZOOptimizer and owner("_direction_at") is owner(
             "_direction"
         )
+
+    #: True in a class whose ``_direction`` is z itself (``param_chunk_z`` of the step seed): its
+    #: perturbed copies and updates then draw and add in one fused op (:class:`l2l.perturb.PlainZ`).
+    _direction_is_z = False
+
+    def _direction_of(self, ctx: StepContext):
+        """The step's direction as the perturber takes it: :class:`PlainZ` when ``_direction`` is
+        plain z (declared by the class that defines it), else ``_direction`` itself."""
+        if self._direction_is_z and self._owner("_direction_is_z") is self._owner("_direction"):
+            return PlainZ(ctx.seed, self.blocks.params)
+        return lambda b, c: self._direction(ctx, b, c)
+
+    def _owner(self, name: str) -> type:
+        """The class of this optimizer's MRO that defines ``name``."""
+        return next(c for c in type(self).__mro__ if name in vars(c))
 
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(U, V)`` with ``z_b = U V^T`` when block ``b``'s direction is low rank, else None;
@@ -267,10 +292,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _losses(self, ctx: StepContext, closure: Callable[[], Any]) -> list[torch.Tensor | float]:
         """[L+, L-] (HiZOO prepends L0), each left where the closure computed it."""
         eps = self.group["eps"]
-        direction = lambda b, c: self._direction(ctx, b, c)  # noqa: E731
+        direction = self._direction_of(ctx)
         factors = lambda b: self._factors(ctx, b)  # noqa: E731
         at = (lambda b, i: self._direction_at(ctx, b, i)) if self._has_direction_at() else None
-        scales = [1.0] * len(self.blocks) if ctx.scales is None else ctx.scales.tolist()
+        scales = [1.0] * len(self.blocks) if ctx.scales is None else ctx.scales
         out = []
         for sign in (1.0, -1.0):
             with self.perturber([sign * eps * s for s in scales], direction, factors, at):
@@ -286,7 +311,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("ZO optimizers need a closure that returns the minibatch loss")
         seed = mix_seed(self.seed, self.step_count)  # a pure function of (seed, step)
-        sigma, scales = self.block_scales()
+        sigma, scales = self._block_scale_values()
         ctx = StepContext(self.step_count, seed, scales)
         self._prepare(ctx.step, seed)
         values = _host_losses(self._losses(ctx, closure))  # the step's one wait on the device
@@ -304,7 +329,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # resume (which replays the records onto the initial weights) can trust
         self._prev_losses = (values[-2], values[-1])
         if sigma is not None:
-            self._prev_sigma = sigma.float()
+            self._prev_sigma = torch.tensor(sigma, dtype=torch.float32)
         if self.records is not None:
             self.records.append(record)
         self._apply(record)
@@ -321,7 +346,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             grad=(lp - lm) / (2 * self.group["eps"]),
             lr=self.group["lr"],
             weight_decay=self.group["weight_decay"],
-            scales=None if ctx.scales is None else ctx.scales.tolist(),
+            scales=None if ctx.scales is None else list(ctx.scales),
         )
 
     def _on_nonfinite(self, step: int, losses: torch.Tensor) -> None:
@@ -372,6 +397,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if lowrank is not None:
                     a, bt = (t.to(new.dtype) for t in lowrank)
                     new.addmm_(a, bt.T, alpha=-coeff)
+                elif coeff and isinstance(direction, PlainZ):  # draw and add fused
+                    direction.add(new, b, chunk_start(p.shape, c, p.device), -coeff, out=new)
                 elif coeff:
                     new.add_(direction(b, c), alpha=-coeff)
                 if not in_place:

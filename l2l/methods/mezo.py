@@ -15,6 +15,8 @@ from l2l.z import gaussian_at, param_chunk_z
 class ZOSGD(ZOOptimizer):
     """MeZO. See :class:`l2l.methods.base.ZOOptimizer` for the arguments."""
 
+    _direction_is_z = True
+
     def _z(self, seed: int, block: int, chunk: int):
         # transient: every caller consumes the chunk before drawing the next one
         return param_chunk_z(seed, block, chunk, self.blocks.params[block], transient=True)
@@ -26,4 +28,4 @@ class ZOSGD(ZOOptimizer):
         return gaussian_at(ctx.seed, block, index)
 
     def _apply(self, record: StepRecord) -> None:
-        self._sgd_update(record, lambda b, c: self._z(record.seed, b, c))
+        self._sgd_update(record, self._direction_of(StepContext(record.step, record.seed, None)))

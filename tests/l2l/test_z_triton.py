@@ -22,13 +22,50 @@ TESTS = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
 import json, sys
+import numpy as np
 import torch
+import triton.language as tl
+from triton.runtime import interpreter
 sys.path.insert(0, sys.argv[1])
+
+
+def exact_fma(self, x, y, z):
+    # The interpreter's fma is x * y + z in NumPy float32 (two roundings); a GPU's is one.
+    # Exact emulation: x y is exact in float64 (24 + 24 bits), TwoSum gives the float64 sum s
+    # and its error e, and s rounds to float32 as the exact sum does unless s is a float32
+    # midpoint, where the sign of e decides.
+    a, b, c = (t.data.astype(np.float64) for t in (x, y, z))
+    p = a * b
+    s = p + c
+    v = s - p
+    e = (p - (s - v)) + (c - v)
+    r = s.astype(np.float32)
+    up, down = np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))
+    r64 = r.astype(np.float64)
+    r = np.where((s == (r64 + up.astype(np.float64)) / 2) & (e > 0), up, r)
+    r = np.where((s == (r64 + down.astype(np.float64)) / 2) & (e < 0), down, r)
+    return interpreter.TensorHandle(r.astype(z.data.dtype), z.dtype.scalar)
+
+
+_cast = interpreter.InterpreterBuilder.cast_impl
+
+
+def cast_rne(self, src, dst_type):
+    # The interpreter truncates float32 -> bfloat16; a GPU's conversion rounds to nearest even.
+    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        data = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return interpreter.TensorHandle(data, dst_type.scalar)
+    return _cast(self, src, dst_type)
+
+
+interpreter.InterpreterBuilder.create_fma = exact_fma
+interpreter.InterpreterBuilder.cast_impl = cast_rne
 from helpers import lm_closure, snapshot, tiny_lm
 from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
-launches = {"draw": 0, "draw_at": 0, "bits": 0}
+launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         launches[_n] += 1
@@ -44,6 +81,12 @@ def draws():
     out.append(zdef.gaussian_at(9, 4, torch.randint(0, 90_000, (3, 50),
                                 generator=torch.Generator().manual_seed(0))))
     out.append(zdef.counter_bits(5, 3, 5000, "cpu"))
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(300, 77, generator=gen) * 0.02).to(dtype)
+        out.append(zdef.add_z(x, 4, 2, 5000, -3e-3))  # a perturbed copy
+        y = x.clone()
+        out.append(zdef.add_z(y, 4, 2, 0, 1e-2, out=y))  # in place
     return [bits(t) for t in out]
 
 def train(method, dtype):
@@ -90,8 +133,9 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mismatches"] == []
     launches = result["launches"]
-    # every entry point ran as a kernel: whole draws, looked-up rows, rounding bits (bfloat16)
-    assert launches["draw"] > 100 and launches["draw_at"] > 0 and launches["bits"] > 0, launches
+    # every entry point ran as a kernel: whole draws (HiZOO), looked-up rows, rounding bits
+    # (bfloat16), draw-and-add (MeZO's perturbed copies and updates)
+    assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
 
 
 def test_cuda_takes_the_kernels_and_a_missing_triton_falls_back(monkeypatch):
