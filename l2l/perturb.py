@@ -76,6 +76,19 @@ class PlainZ:
         """``x + coeff * z`` for the elements of block ``block`` from ``start`` (x's shape)."""
         return zdef.add_z(x, self.seed, block, start, coeff, out=out)
 
+    def update_(self, w, block: int, start: int, coeff: float, decay: float, key: int, rounding):
+        """``w <- round((1 - decay) w - coeff z)`` in place in one kernel, for a bfloat16 chunk
+        ``w`` of block ``block`` from element ``start`` on a device with the kernels (``key``:
+        its rounding bits' key, ``rounding``: "stochastic" or "nearest"); False, with ``w``
+        untouched, where there is none: the caller's ops (the kernel's reference) then run."""
+        kernels = zdef._kernels(w.device)
+        if kernels is None or w.dtype != torch.bfloat16 or not w.is_contiguous():
+            return False
+        with torch.profiler.record_function("l2l::add_z"):
+            sr = rounding == "stochastic"
+            kernels.update_bf16(w, zdef.z_key(self.seed, block), key, start, -coeff, 1 - decay, sr)
+        return True
+
 
 def perturbed_block(
     param: torch.Tensor, block: int, direction: Direction, coeff: float

@@ -143,6 +143,41 @@ def _add_store(out_ptr, x_ptr, pos, numel, z, alpha, FMA: tl.constexpr):
     tl.store(out_ptr + pos, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _update_kernel(w_ptr, zkey, rkey, start, numel, first_group, alpha, factor, SR: tl.constexpr):
+    """bfloat16 ``w <- round(fma(z, alpha, float(w) factor))`` in place over elements
+    ``[start, start + numel)`` (the groups of :func:`_draw_kernel`): the update of
+    ``l2l.methods.base`` (upcast, decay, ``add_(z, alpha)``, :func:`l2l.rounding.round_into`)
+    in one pass. ``SR``: stochastic rounding with word ``i`` of stream ``rkey`` for element ``i``
+    (the low half of SplitMix64 output ``i // 2`` for even ``i``, the high half for odd), else
+    round to nearest even."""
+    g = first_group + tl.program_id(0).to(tl.int64)
+    q = tl.arange(0, _G).to(tl.int64)
+    z0, z1 = _box_muller(_pair_bits(zkey, g * _G + q))
+    first = 2 * _G * g + q
+    _update_store(w_ptr, rkey, first, start, numel, z0, alpha, factor, SR)
+    _update_store(w_ptr, rkey, first + _G, start, numel, z1, alpha, factor, SR)
+
+
+@triton.jit
+def _update_store(w_ptr, rkey, element, start, numel, z, alpha, factor, SR: tl.constexpr):
+    pos = element - start
+    mask = (pos >= 0) & (pos < numel)
+    x = tl.load(w_ptr + pos, mask=mask, other=0.0).to(tl.float32) * factor
+    x = tl.fma(z, alpha, x)
+    if SR:
+        word = _pair_bits(rkey, element >> 1)
+        word = tl.where((element & 1) == 1, word >> 32, word & 0xFFFFFFFF)
+        r = word.to(tl.uint32).to(tl.int32, bitcast=True) & 0xFFFF
+        m = x.to(tl.int32, bitcast=True)
+        sign = m & _SIGN
+        m = m ^ sign
+        m = tl.where(m > 0x7F800000, 0x7FC00000, m)  # NaN -> the quiet NaN
+        m = ((m + r) & -65536) | sign  # drop the low 16 bits after adding random ones
+        x = m.to(tl.float32, bitcast=True)  # a bfloat16 value (or inf): converts exactly
+    tl.store(w_ptr + pos, x.to(tl.bfloat16), mask=mask)
+
+
 _AT_BLOCK = 1024
 
 
@@ -170,6 +205,22 @@ def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor
         fma = x.dtype == torch.float32
         _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
     return out
+
+
+def update_bf16(
+    w: torch.Tensor, zkey: int, rkey: int, start: int, alpha: float, factor: float, sr: bool
+) -> torch.Tensor:
+    """In-place update of a contiguous bfloat16 chunk ``w`` whose first element is element
+    ``start`` of its block: ``w <- round(fma(z, alpha, float(w) * factor))`` (see
+    :func:`_update_kernel`), in one kernel."""
+    numel = w.numel()
+    if numel:
+        span = 2 * zdef.GROUP
+        g0 = start // span
+        groups = -(-(start + numel) // span) - g0
+        args = (w, zkey, rkey, start, numel, g0, alpha, factor)
+        _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
+    return w
 
 
 def draw_at(key: int, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ from helpers import lm_closure, snapshot, tiny_lm
 from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
-launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0}
+launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         launches[_n] += 1
@@ -89,21 +89,23 @@ def draws():
         out.append(zdef.add_z(y, 4, 2, 0, 1e-2, out=y))  # in place
     return [bits(t) for t in out]
 
-def train(method, dtype):
+def train(method, dtype, **kw):
     model = tiny_lm("llama", dtype=dtype)
     opt = make_method(method, model, lr=1e-2 if dtype == torch.float32 else 1e-3, eps=1e-2,
-                      rank=2, nu=2, hessian_smooth=0.1)
+                      rank=2, nu=2, hessian_smooth=0.1, **kw)
     closure = lm_closure(model)
     with torch.no_grad():
         for _ in range(3):
             opt.step(closure)
     return [bits(v) for v in snapshot(model).values()]
 
-runs = [("draws", None, None)] + [("train", m, d) for m in ("mezo", "hizoo", "lozo")
-                                  for d in (torch.float32, torch.bfloat16)]
+runs = [("draws", None, None, {})] + [("train", m, d, {}) for m in ("mezo", "hizoo", "lozo")
+                                      for d in (torch.float32, torch.bfloat16)]
+runs += [("train", "mezo", torch.bfloat16, dict(rounding="nearest", weight_decay=0.5)),
+         ("train", "mezo", torch.float32, dict(weight_decay=0.5))]
 mismatches = []
 for accelerator in (False, True):  # the CPU's chunking, then whole weights + gathered embedding
-    for what, method, dtype in runs:
+    for what, method, dtype, kw in runs:
         got = []
         for kernels in (False, True):
             zdef.KERNEL_DEVICES.clear()
@@ -113,9 +115,9 @@ for accelerator in (False, True):  # the CPU's chunking, then whole weights + ga
             if accelerator:
                 zdef.ACCELERATOR_POLICY.add("cpu")
             zdef._RECENT = zdef._Recent()  # no small draw served from the other path's cache
-            got.append(draws() if what == "draws" else train(method, dtype))
+            got.append(draws() if what == "draws" else train(method, dtype, **kw))
         if not all(torch.equal(a, b) for a, b in zip(*got, strict=True)):
-            mismatches.append(f"{what} {method} {dtype} accelerator={accelerator}")
+            mismatches.append(f"{what} {method} {dtype} {kw} accelerator={accelerator}")
 print(json.dumps({"mismatches": mismatches, "launches": launches}))
 """
 
@@ -134,7 +136,8 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     assert result["mismatches"] == []
     launches = result["launches"]
     # every entry point ran as a kernel: whole draws (HiZOO), looked-up rows, rounding bits
-    # (bfloat16), draw-and-add (MeZO's perturbed copies and updates)
+    # (HiZOO's bfloat16 H), draw-and-add (MeZO's perturbed copies and float32 updates), fused
+    # bfloat16 updates
     assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
 
 
