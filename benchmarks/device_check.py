@@ -1,8 +1,10 @@
 """z and trajectories mean the same on every device: a check to run on each new device.
 
 1. **z**: :func:`l2l.z.gaussian` (whole and offset draws, one larger than a CPU chunk),
-   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits` and :func:`l2l.rounding.sqrt_rn` on
-   ``--device`` against the CPU, bit for bit.
+   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits`, :func:`l2l.z.add_z` and
+   :func:`l2l.rounding.sqrt_rn` on ``--device`` against the CPU, bit for bit. On CUDA with
+   Triton these are the kernels of :mod:`l2l.z_triton` (reported as ``kernels``), on the CPU
+   their torch-op reference.
 2. **Replay**: a few steps of every method (float32 and bfloat16, MeZO also with a tuner) on a
    tiny Llama trained on ``--device`` (with the accelerator's code paths: whole weights, gather
    embedding), its trajectory replayed on the CPU (the CPU's chunking) and on the device; the
@@ -56,6 +58,12 @@ def check_z(device: str) -> list[dict]:
     cpu_bits = zdef.counter_bits(5, 3, 1 << 20, "cpu")
     dev_bits = zdef.counter_bits(5, 3, 1 << 20, device)
     rows.append(dict(what="counter_bits 1M", equal=torch.equal(dev_bits.cpu(), cpu_bits)))
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):  # the fused draw-and-add (perturbed copies)
+        x = (torch.randn(1000, 333, generator=gen) * 0.02).to(dtype)
+        cpu, dev = zdef.add_z(x, 7, 3, 999, -1e-3), zdef.add_z(x.to(device), 7, 3, 999, -1e-3)
+        what = f"add_z {str(dtype).removeprefix('torch.')} 333k"
+        rows.append(dict(what=what, equal=torch.equal(bits(dev), bits(cpu))))
     from l2l.rounding import sqrt_rn  # HiZOO's sqrt(H)
 
     h = torch.rand(1 << 20, generator=torch.Generator().manual_seed(1)) * 4 + 1e-3
@@ -156,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     import l2l  # noqa: F401  (first: tests/ has an l2l folder of its own)
 
     sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # for tests/helpers.py
+    from l2l import z as zdef
+
+    triton_module = zdef._kernels(torch.device(args.device))
+    kernels = "torch ops" if triton_module is None else f"triton {triton_module.triton.__version__}"
+    print(f"z on {args.device}: {kernels}")
     z_rows = check_z(args.device)
     replay_rows = check_replay(args.device, args.steps)
     for r in z_rows:
@@ -173,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             command=" ".join(["python", "benchmarks/device_check.py", *(argv or sys.argv[1:])]),
             machine=dict(platform=platform.platform(), torch=torch.__version__, device=device_name),
             ok=ok,
+            kernels=kernels,
             z=z_rows,
             replay=replay_rows,
         )
