@@ -1,4 +1,4 @@
-"""The random direction z: a pure function of (step seed, block, element), the leaf of ``l2l``.
+"""The random direction z: a pure function of (step seed, block, element), at the root of ``l2l``.
 
 Element ``i`` (row-major position) of block ``b``'s direction at step seed ``s`` is::
 
@@ -28,8 +28,8 @@ bit-for-bit.
 On CUDA, when Triton is installed, a draw is one kernel (:mod:`l2l.z_triton`, the same
 operations in registers; :data:`KERNEL_DEVICES`), with these torch ops as its reference.
 
-This module imports nothing else of ``l2l`` (the kernels only when a draw needs them); blocks,
-shards, the perturber and the methods import it.
+Of ``l2l`` this module imports only :mod:`l2l.z_spec` (and the kernels when a draw needs
+them); blocks, shards, the perturber and the methods import it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+
+# the generator's constants, shared with the kernels
+from l2l.z_spec import (
+    COS_POLY,
+    GAMMA,
+    GROUP,
+    LOG_BIAS,
+    LOG_POLY,
+    MIX1,
+    MIX2,
+    PHI_SCALE,
+    SIN_POLY,
+    SQRT_GUESS,
+    SQRT_HALF_BITS,
+    TWO_LN2,
+)
 
 #: Name of the generator defined here; trajectories record it (a different name, different z).
 GENERATOR = "l2l-splitmix64-boxmuller-v1"
@@ -89,24 +105,6 @@ def _kernels(device: torch.device):
 
 _MASK64 = (1 << 64) - 1
 
-# SplitMix64's increment and mix64's multipliers (Steele, Lea & Flood 2014).
-GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-# Float32-exact constants of the float part (see l2l.z_reference for the maths, tests/l2l/test_z.py
-# for their accuracy). Polynomials are lowest order first, minimax fits of the relative error.
-#: 2 ln m = s P(s^2), s = (m - 1) / (m + 1), m in [sqrt(1/2), sqrt(2)): 4 atanh(s) / s.
-LOG_POLY = (4.0, 1.333336353302002, 0.7994948625564575, 0.5985410213470459)
-#: sin(phi) / sqrt(2) = phi S(phi^2) on [-pi/4, pi/4].
-SIN_POLY = (0.7071067690849304, -0.11785101145505905, 0.005891625303775072, -0.00013789845979772508)
-#: cos(phi) / sqrt(2) = C(phi^2) on [-pi/4, pi/4].
-COS_POLY = (0.7071067690849304, -0.35355228185653687, 0.029454121366143227, -0.0009602066711522639)
-TWO_LN2 = 1.3862943649291992  # float32(2 ln 2)
-#: phi = float32(w) PHI_SCALE in [-pi/4, pi/4] for a signed 32-bit w.
-PHI_SCALE = float.fromhex("0x1.921fb6p-32")  # float32(pi) / 2^33
-SQRT_HALF_BITS = 0x3F3504F3  # float32(sqrt(1/2)) as int32 bits
-#: bits(v) - LOG_BIAS = (e + 1) 2^23 + (bits(m) - SQRT_HALF_BITS) for v = 2^e m.
-LOG_BIAS = SQRT_HALF_BITS - (1 << 23)
-SQRT_GUESS = 0x1FBB67AE  # bits(sqrt(x)) ~ (bits(x) >> 1) + SQRT_GUESS, within 3.6%
 
 _SIGN = -(1 << 31)  # int32 with only the sign bit set
 
@@ -155,9 +153,6 @@ def chunk_view(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 # ---- the generator in torch ops -------------------------------------------------------------
-#: Box-Muller's two outputs of pair ``G g + q`` (q < G) are elements ``2 G g + q`` and
-#: ``2 G g + G + q``: every op of the generator then reads and writes runs of G contiguous values.
-GROUP = 1 << 10
 #: Pairs per pass (a multiple of GROUP): on CPU small enough that the intermediate buffers stay in
 #: cache (~7 MiB), elsewhere 2^21 elements a pass (~60 ops each; ~60 MiB): a whole-weight chunk
 #: of an accelerator takes numel / 2^21 passes.

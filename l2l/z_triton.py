@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from l2l import z as zdef
+from l2l import z_spec as zdef
 
 _GAMMA = tl.constexpr(zdef.GAMMA)
 _MIX1 = tl.constexpr(zdef.MIX1)
