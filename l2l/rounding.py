@@ -71,18 +71,24 @@ def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def sqrt_rn(t: torch.Tensor) -> torch.Tensor:
+def sqrt_rn(t: torch.Tensor, transient: bool = False) -> torch.Tensor:
     """Correctly rounded ``sqrt`` of a float32 tensor, the same bits on every device.
 
     torch's CPU float32 ``sqrt`` is not correctly rounded (about 0.6% of inputs come out one ulp
     off; CUDA's is IEEE ``sqrt.rn``), so a curvature ``H`` measured on a GPU would give a CPU
     replay other directions ``z / sqrt(H)``. On the CPU the root is taken in float64 and rounded
     once to float32, which is correctly rounded for ``sqrt`` (53 >= 2 * 24 + 2 bits); elsewhere
-    it is the device's own single-op ``sqrt``.
+    it is the device's own single-op ``sqrt``. ``transient``: on the CPU the result is a scratch
+    buffer, overwritten by the next transient call (use it at once); the float64 temporary always
+    is one (fresh chunk-sized allocations cost page faults, more than the root).
     """
-    if t.device.type == "cpu" and t.dtype == torch.float32:
-        return torch.sqrt(t.double()).float()
-    return torch.sqrt(t)
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return torch.sqrt(t)
+    n = t.numel()
+    wide = _SCRATCH.get(3, n, torch.float64, t.device)
+    torch.sqrt(wide.copy_(t.reshape(-1)), out=wide)
+    out = _SCRATCH.get(4, n, torch.float32, t.device) if transient else torch.empty(n, device=t.device)
+    return out.copy_(wide).view(t.shape)
 
 
 def rounding_key(step_seed: int, block: int, salt: int) -> int:
@@ -98,7 +104,8 @@ def check_rounding(rounding: str) -> str:
 
 class _Scratch:
     """Reusable buffers per (device, slot), grown on demand: a fresh chunk-sized allocation per
-    call costs page faults on CPU. Slot 0 holds the bits, 1 and 2 the temporaries."""
+    call costs page faults on CPU. Slot 0 holds the bits, 1 and 2 the temporaries, 3 and 4
+    :func:`sqrt_rn`'s."""
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[torch.device, int], torch.Tensor] = {}

@@ -72,11 +72,13 @@ class HiZOO(ZOOptimizer):
         return chunk_view(self.state[p]["hessian"], r0, r1)
 
     def _direction(self, ctx: StepContext, block: int, chunk: int):
-        return self._z(ctx.seed, block, chunk).div_(sqrt_rn(self._hessian(block, chunk)))
+        return self._z(ctx.seed, block, chunk).div_(
+            sqrt_rn(self._hessian(block, chunk), transient=True)
+        )
 
     def _direction_at(self, ctx: StepContext, block: int, index):
         hessian = self.state[self.blocks.params[block]]["hessian"].view(-1)
-        return gaussian_at(ctx.seed, block, index).div_(sqrt_rn(hessian[index]))
+        return gaussian_at(ctx.seed, block, index).div_(sqrt_rn(hessian[index], transient=True))
 
     def _losses(self, ctx, closure):
         l0 = _loss_scalar(closure())
@@ -93,7 +95,10 @@ class HiZOO(ZOOptimizer):
 
     def _apply(self, record: StepRecord) -> None:
         self._sgd_update(
-            record, lambda b, c: self._z(record.seed, b, c).div_(sqrt_rn(self._hessian(b, c)))
+            record,
+            lambda b, c: self._z(record.seed, b, c).div_(
+                sqrt_rn(self._hessian(b, c), transient=True)
+            ),
         )
         alpha = self.group["hessian_smooth"]
         if alpha == 0.0:
