@@ -85,9 +85,10 @@ class PlainZ:
         if kernels is None or w.dtype != torch.bfloat16 or not w.is_contiguous():
             return False
         with torch.profiler.record_function("l2l::add_z"):
-            sr = rounding == "stochastic"
-            kernels.update_bf16(w, zdef.z_key(self.seed, block), key, start, -coeff, 1 - decay, sr)
-        return True
+            args = (w, zdef.z_key(self.seed, block), key, start, -coeff, 1 - decay)
+            return (
+                zdef.run_kernel(kernels, "update_bf16", *args, rounding == "stochastic") is not None
+            )
 
 
 def perturbed_block(

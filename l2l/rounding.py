@@ -87,7 +87,11 @@ def sqrt_rn(t: torch.Tensor, transient: bool = False) -> torch.Tensor:
     n = t.numel()
     wide = _SCRATCH.get(3, n, torch.float64, t.device)
     torch.sqrt(wide.copy_(t.reshape(-1)), out=wide)
-    out = _SCRATCH.get(4, n, torch.float32, t.device) if transient else torch.empty(n, device=t.device)
+    out = (
+        _SCRATCH.get(4, n, torch.float32, t.device)
+        if transient
+        else torch.empty(n, dtype=torch.float32, device=t.device)
+    )
     return out.copy_(wide).view(t.shape)
 
 

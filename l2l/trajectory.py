@@ -112,6 +112,8 @@ def replay(params: nn.Module | Any, trajectory: Trajectory | str | os.PathLike) 
         trajectory = Trajectory.load(trajectory)
     _check_version("the trajectory", VERSION, trajectory.generator)
     hp = dict(trajectory.hparams)
+    if trajectory.method == "HiZOO":
+        hp.setdefault("sqrt", "torch")  # recorded before HiZOO's sqrt(H) was correctly rounded
     opt = _method_class(trajectory.method)(params, **hp)
     if opt.blocks.fingerprint() != trajectory.fingerprint:
         raise ValueError(

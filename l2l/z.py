@@ -34,6 +34,7 @@ them); blocks, shards, the perturber and the methods import it.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -97,10 +98,27 @@ def _kernels(device: torch.device):
     if not _KERNELS:
         try:
             from l2l import z_triton
-        except ImportError:  # no Triton: the torch ops
+        except Exception:  # noqa: BLE001 - no Triton, or one that does not import: the torch ops
             z_triton = None
         _KERNELS.append(z_triton)
     return _KERNELS[0]
+
+
+def run_kernel(kernels, name: str, *args):
+    """``kernels.<name>(*args)``; None when it fails (Triton cannot compile for this GPU, no
+    ``ptxas``, ...), after turning the kernels off for the process with a warning: the caller
+    then runs the torch ops, which give the same bits."""
+    try:
+        return getattr(kernels, name)(*args)
+    except Exception as err:  # noqa: BLE001 - any failure of the optional kernels
+        warnings.warn(
+            f"l2l's Triton kernels failed ({type(err).__name__}: {err}); z is drawn with torch "
+            "ops from now on (the same values, more kernel launches)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _KERNELS[:] = [None]
+        return None
 
 
 _MASK64 = (1 << 64) - 1
@@ -344,7 +362,9 @@ def _draw(key: int, start: int, numel: int, device: torch.device, flat: torch.Te
     if kernels is not None:  # one kernel, exactly the elements asked for
         if flat is None or flat.numel() < numel:
             flat = torch.empty(numel, dtype=torch.float32, device=device)
-        return kernels.draw(key, start, flat[:numel])
+        done = run_kernel(kernels, "draw", key, start, flat[:numel])
+        if done is not None:
+            return done
     span = 2 * GROUP  # elements of one group
     g0 = start // span
     groups = -(-(start + numel) // span) - g0 if numel else 0
@@ -406,7 +426,9 @@ def add_z(
     with torch.profiler.record_function("l2l::add_z"):
         fused = kernels is not None and x.dtype in _FUSED_DTYPES and out.dtype == x.dtype
         if fused and x.is_contiguous() and out.is_contiguous():
-            return kernels.add_z(x, z_key(step_seed, block), start, alpha, out)
+            done = run_kernel(kernels, "add_z", x, z_key(step_seed, block), start, alpha, out)
+            if done is not None:
+                return done
         z = gaussian(step_seed, block, start, x.shape, x.device, transient=True)
         if x.dtype in (torch.float32, torch.float64):
             return torch.add(x, z, alpha=alpha, out=out)
@@ -427,8 +449,9 @@ def gaussian_at(step_seed: int, block: int, index: torch.Tensor) -> torch.Tensor
     kernels = _kernels(device)
     if kernels is not None:
         with torch.profiler.record_function("l2l::z"):
-            kernels.draw_at(key, flat.to(torch.int64).contiguous(), out)
-        return out.view(index.shape)
+            done = run_kernel(kernels, "draw_at", key, flat.to(torch.int64).contiguous(), out)
+        if done is not None:
+            return out.view(index.shape)
     ws = _WORKSPACES.get(device)
     base = _signed64(key + GAMMA)  # pair k's state: k GAMMA + key + GAMMA
     with torch.profiler.record_function("l2l::z"):
@@ -460,8 +483,9 @@ def counter_bits(
         if out is None:
             out = torch.empty(numel, dtype=torch.int64, device=device)
         kernels = _kernels(device)
-        if kernels is not None:
-            return kernels.bits(key, start, out.view(-1))
+        done = None if kernels is None else run_kernel(kernels, "bits", key, start, out.view(-1))
+        if done is not None:
+            return out
         ws, flat = _WORKSPACES.get(device), out.view(-1)
         for a in range(0, numel, ws.pairs):
             n = min(ws.pairs, numel - a)

@@ -21,6 +21,8 @@ operations as IEEE does: the tests compare them with the reference bit for bit t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -181,6 +183,12 @@ def _update_store(w_ptr, rkey, element, start, numel, z, alpha, factor, SR: tl.c
 _AT_BLOCK = 1024
 
 
+def _on(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device, which a model split over
+    several GPUs does not keep at the tensor's)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def draw(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """Elements ``start .. start + out.numel() - 1`` of stream ``key`` into ``out`` (contiguous
     float32), in one kernel."""
@@ -189,7 +197,8 @@ def draw(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
         span = 2 * zdef.GROUP
         g0 = start // span
         groups = -(-(start + numel) // span) - g0
-        _draw_kernel[(groups,)](out, key, start, numel, g0, **_OPTIONS)
+        with _on(out):
+            _draw_kernel[(groups,)](out, key, start, numel, g0, **_OPTIONS)
     return out
 
 
@@ -203,7 +212,8 @@ def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor
         g0 = start // span
         groups = -(-(start + numel) // span) - g0
         fma = x.dtype == torch.float32
-        _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
+        with _on(out):
+            _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
     return out
 
 
@@ -219,7 +229,8 @@ def update_bf16(
         g0 = start // span
         groups = -(-(start + numel) // span) - g0
         args = (w, zkey, rkey, start, numel, g0, alpha, factor)
-        _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
+        with _on(w):
+            _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
     return w
 
 
@@ -228,7 +239,10 @@ def draw_at(key: int, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     in one kernel."""
     n = index.numel()
     if n:
-        _at_kernel[(triton.cdiv(n, _AT_BLOCK),)](out, index, key, n, BLOCK=_AT_BLOCK, **_OPTIONS)
+        with _on(out):
+            _at_kernel[(triton.cdiv(n, _AT_BLOCK),)](
+                out, index, key, n, BLOCK=_AT_BLOCK, **_OPTIONS
+            )
     return out
 
 
@@ -244,5 +258,8 @@ def bits(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """SplitMix64 outputs ``start ..`` of stream ``key`` into ``out`` (contiguous int64)."""
     n = out.numel()
     if n:
-        _bits_kernel[(triton.cdiv(n, _AT_BLOCK),)](out, key, start, n, BLOCK=_AT_BLOCK, **_OPTIONS)
+        with _on(out):
+            _bits_kernel[(triton.cdiv(n, _AT_BLOCK),)](
+                out, key, start, n, BLOCK=_AT_BLOCK, **_OPTIONS
+            )
     return out

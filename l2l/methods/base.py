@@ -248,6 +248,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             return sigma, list(sigma)
         # nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2), with correctly rounded sums
         weighted = math.fsum(n * s * s for n, s in zip(self._numel_list, sigma, strict=True))
+        if not 0.0 < weighted < math.inf:
+            raise ValueError(
+                f"block_scale's scales cannot be normalised: sum n_b sigma_b^2 = {weighted} "
+                f"(sigma from {min(sigma)} to {max(sigma)})"
+            )
         nf = math.sqrt(math.fsum(self._numel_list)) / math.sqrt(weighted)
         return sigma, [s * nf for s in sigma]
 
@@ -262,13 +267,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _has_direction_at(self) -> bool:
         """Whether ``_direction_at`` gives this optimizer's direction: defined, and by the class
-        that defines ``_direction`` (a subclass overriding only ``_direction`` would otherwise
+        that defines ``_direction`` and ``_z`` (a subclass overriding either would otherwise
         inherit a looked-up-rows direction that is not its own)."""
+        owner = self._owner("_direction_at")
+        return owner is not ZOOptimizer and self._defined_by(owner, "_direction", "_z")
 
-        owner = self._owner
-        return owner("_direction_at") is not ZOOptimizer and owner("_direction_at") is owner(
-            "_direction"
-        )
+    def _defined_by(self, owner: type, *names: str) -> bool:
+        """Whether every one of ``names`` that this optimizer has comes from class ``owner``."""
+        return all(self._owner(name) is owner for name in names if hasattr(self, name))
 
     #: True in a class whose ``_direction`` is z itself (``param_chunk_z`` of the step seed): its
     #: perturbed copies and updates then draw and add in one fused op (:class:`l2l.perturb.PlainZ`).
@@ -277,9 +283,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _direction_of(self, ctx: StepContext):
         """The step's direction as the perturber takes it: :class:`PlainZ` when ``_direction`` is
         plain z (declared by the class that defines it), else ``_direction`` itself."""
-        if self._direction_is_z and self._owner("_direction_is_z") is self._owner("_direction"):
+        if self._plain_z():
             return PlainZ(ctx.seed, self.blocks.params)
         return lambda b, c: self._direction(ctx, b, c)
+
+    def _plain_z(self) -> bool:
+        """Whether the class that declares ``_direction_is_z`` also defines every method its
+        direction is made of (a subclass overriding ``_direction`` or ``_z`` has its own)."""
+        if not self._direction_is_z:
+            return False
+        return self._defined_by(self._owner("_direction_is_z"), "_direction", "_z")
 
     def _owner(self, name: str) -> type:
         """The class of this optimizer's MRO that defines ``name``."""

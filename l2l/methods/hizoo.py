@@ -28,6 +28,10 @@ from l2l.z import chunk_start, chunk_view, gaussian_at, param_chunk_z, row_chunk
 
 #: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
 _H_FLOOR = 1e-12
+#: How sqrt(H) is taken: "rn" correctly rounded on every device (:func:`l2l.rounding.sqrt_rn`),
+#: "torch" the device's ``torch.sqrt`` (not correctly rounded on the CPU; trajectories recorded
+#: before ``sqrt`` was a setting replay with it).
+SQRTS = ("rn", "torch")
 
 
 def hessian_diag_estimate(
@@ -54,11 +58,16 @@ class HiZOO(ZOOptimizer):
         weight_decay: float = 0.0,
         *,
         hessian_smooth: float = 1e-8,
+        sqrt: str = "rn",
         **kwargs,
     ) -> None:
         if not 0.0 <= hessian_smooth <= 1.0:
             raise ValueError(f"hessian_smooth must be in [0, 1], got {hessian_smooth}")
-        super().__init__(params, lr, eps, weight_decay, hessian_smooth=hessian_smooth, **kwargs)
+        if sqrt not in SQRTS:
+            raise ValueError(f"sqrt must be one of {SQRTS}, got {sqrt!r}")
+        super().__init__(
+            params, lr, eps, weight_decay, hessian_smooth=hessian_smooth, sqrt=sqrt, **kwargs
+        )
         for p in self.blocks.params:
             self.state[p]["hessian"] = torch.ones_like(p, dtype=torch.float32)
 
@@ -71,14 +80,16 @@ class HiZOO(ZOOptimizer):
         r0, r1 = row_chunks(p.shape, p.device)[chunk]
         return chunk_view(self.state[p]["hessian"], r0, r1)
 
+    def _root(self, h: torch.Tensor) -> torch.Tensor:
+        """sqrt(H) of a chunk, used at once (a scratch buffer on the CPU)."""
+        return sqrt_rn(h, transient=True) if self.group["sqrt"] == "rn" else h.sqrt()
+
     def _direction(self, ctx: StepContext, block: int, chunk: int):
-        return self._z(ctx.seed, block, chunk).div_(
-            sqrt_rn(self._hessian(block, chunk), transient=True)
-        )
+        return self._z(ctx.seed, block, chunk).div_(self._root(self._hessian(block, chunk)))
 
     def _direction_at(self, ctx: StepContext, block: int, index):
         hessian = self.state[self.blocks.params[block]]["hessian"].view(-1)
-        return gaussian_at(ctx.seed, block, index).div_(sqrt_rn(hessian[index], transient=True))
+        return gaussian_at(ctx.seed, block, index).div_(self._root(hessian[index]))
 
     def _losses(self, ctx, closure):
         l0 = _loss_scalar(closure())
@@ -95,10 +106,7 @@ class HiZOO(ZOOptimizer):
 
     def _apply(self, record: StepRecord) -> None:
         self._sgd_update(
-            record,
-            lambda b, c: self._z(record.seed, b, c).div_(
-                sqrt_rn(self._hessian(b, c), transient=True)
-            ),
+            record, lambda b, c: self._z(record.seed, b, c).div_(self._root(self._hessian(b, c)))
         )
         alpha = self.group["hessian_smooth"]
         if alpha == 0.0:

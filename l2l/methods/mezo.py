@@ -9,6 +9,7 @@ z is regenerated from the step seed for each forward and for the update, never s
 from __future__ import annotations
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
+from l2l.perturb import PlainZ
 from l2l.z import gaussian_at, param_chunk_z
 
 
@@ -28,4 +29,10 @@ class ZOSGD(ZOOptimizer):
         return gaussian_at(ctx.seed, block, index)
 
     def _apply(self, record: StepRecord) -> None:
-        self._sgd_update(record, self._direction_of(StepContext(record.step, record.seed, None)))
+        plain = self._plain_z()
+        self._sgd_update(
+            record,
+            PlainZ(record.seed, self.blocks.params)
+            if plain
+            else lambda b, c: self._z(record.seed, b, c),
+        )

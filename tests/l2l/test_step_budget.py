@@ -210,3 +210,27 @@ def test_a_subclass_with_its_own_direction_does_not_inherit_the_looked_up_rows()
     model = tiny_lm("llama")
     assert ZOSGD(model)._has_direction_at() and HiZOO(model)._has_direction_at()
     assert not Sign(model)._has_direction_at()
+
+
+def test_a_subclass_with_its_own_z_is_not_taken_for_plain_z():
+    """MeZO fuses draw and add only for its own z: a subclass's ``_z`` (or ``_direction``)
+    perturbs and updates as written. z -> 2 z at (lr, eps) is MeZO at (4 lr, 2 eps), bit for bit
+    (every factor a power of two)."""
+
+    class Double(ZOSGD):
+        def _z(self, seed, block, chunk):
+            return super()._z(seed, block, chunk).mul(2.0)
+
+    class Sign(ZOSGD):
+        def _direction(self, ctx, block, chunk):
+            return super()._direction(ctx, block, chunk).sign()
+
+    model = tiny_lm("llama")
+    assert ZOSGD(model)._plain_z() and not Double(model)._plain_z() and not Sign(model)._plain_z()
+    results = []
+    for cls, lr, eps in ((Double, 1e-3, 0.05), (ZOSGD, 4e-3, 0.1), (ZOSGD, 1e-3, 0.05)):
+        model = tiny_lm("llama")
+        loss = cls(model, lr=lr, eps=eps, seed=3).step(lm_closure(model))
+        results.append((float(loss), snapshot(model)))
+    assert results[0][0] == results[1][0] and same_bits(results[0][1], results[1][1])
+    assert not same_bits(results[0][1], results[2][1])  # and it is not plain MeZO at (lr, eps)

@@ -154,3 +154,21 @@ def test_cuda_takes_the_kernels_and_a_missing_triton_falls_back(monkeypatch):
     ref = zdef.gaussian(3, 1, 5, (100,), "cpu")
     monkeypatch.setattr(zdef, "KERNEL_DEVICES", set())
     assert torch.equal(ref, zdef.gaussian(3, 1, 5, (100,), "cpu"))
+
+
+def test_a_failing_kernel_turns_the_kernels_off_and_the_torch_ops_run(monkeypatch):
+    import torch
+
+    from l2l import z as zdef
+
+    class Broken:  # e.g. a GPU that Triton cannot compile for
+        def draw(self, *args):
+            raise RuntimeError("no ptxas")
+
+    ref = zdef.gaussian(3, 1, 5, (20_000,), "cpu")  # above _Recent.SMALL: not served from cache
+    monkeypatch.setattr(zdef, "_KERNELS", [Broken()])
+    monkeypatch.setattr(zdef, "KERNEL_DEVICES", {"cpu"})
+    with pytest.warns(RuntimeWarning, match="no ptxas"):
+        got = zdef.gaussian(3, 1, 5, (20_000,), "cpu")
+    assert torch.equal(got, ref)
+    assert zdef._kernels(torch.device("cpu")) is None  # off for the rest of the process
