@@ -95,12 +95,12 @@ def perturbed_block(
     param: torch.Tensor, block: int, direction: Direction, coeff: float
 ) -> torch.Tensor:
     chunks = row_chunks(param.shape, param.device)
-    per_row = torch.Size(param.shape[1:]).numel()  # elements before row r0: r0 * per_row
 
     def chunk(c: int, r0: int, r1: int) -> torch.Tensor:
         value = zdef.chunk_view(param.detach(), r0, r1)
         if isinstance(direction, PlainZ):
-            return direction.add(value, block, r0 * per_row, coeff)
+            start = zdef.chunk_start(param.shape, c, param.device)
+            return direction.add(value, block, start, coeff)
         return perturbed_chunk(value, direction(block, c), coeff)
 
     if len(chunks) == 1:
@@ -253,10 +253,10 @@ class _ChunkedLinear:
             if zdef.accelerated(w.device)
             else max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
         )
-        per_row = torch.Size(w.shape[1:]).numel()
         for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
             if isinstance(self.direction, PlainZ) and step >= r1 - r0:  # one fused copy
-                wc = self.direction.add(w.detach()[r0:r1], wb, r0 * per_row, self.coeffs[wb])
+                start = zdef.chunk_start(w.shape, c, w.device)
+                wc = self.direction.add(w.detach()[r0:r1], wb, start, self.coeffs[wb])
                 out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
                 continue
             z = self.direction(wb, c)

@@ -53,6 +53,7 @@ from l2l.z_spec import (
     SQRT_GUESS,
     SQRT_HALF_BITS,
     TWO_LN2,
+    group_range,
 )
 
 #: Name of the generator defined here; trajectories record it (a different name, different z).
@@ -366,8 +367,7 @@ def _draw(key: int, start: int, numel: int, device: torch.device, flat: torch.Te
         if done is not None:
             return done
     span = 2 * GROUP  # elements of one group
-    g0 = start // span
-    groups = -(-(start + numel) // span) - g0 if numel else 0
+    g0, groups = group_range(start, numel)
     if flat is None or flat.numel() < groups * span:
         flat = torch.empty(groups * span, dtype=torch.float32, device=device)
     _draw_groups(key, g0, flat[: groups * span].view(groups, 2, GROUP))

@@ -23,3 +23,10 @@ SQRT_GUESS = 0x1FBB67AE  # bits(sqrt(x)) ~ (bits(x) >> 1) + SQRT_GUESS, within 3
 #: Box-Muller's two outputs of pair ``G g + q`` (q < G) are elements ``2 G g + q`` and
 #: ``2 G g + G + q``: every op of the generator then reads and writes runs of G contiguous values.
 GROUP = 1 << 10
+
+
+def group_range(start: int, numel: int) -> tuple[int, int]:
+    """(first group, number of groups) that elements ``start .. start + numel - 1`` span."""
+    span = 2 * GROUP
+    first = start // span
+    return first, (-(-(start + numel) // span) - first if numel else 0)

@@ -183,6 +183,16 @@ def _update_store(w_ptr, rkey, element, start, numel, z, alpha, factor, SR: tl.c
 _AT_BLOCK = 1024
 
 
+def _flat_launch(kernel, out: torch.Tensor, *args) -> torch.Tensor:
+    """``kernel(out, *args, n, BLOCK)`` over the ``n = out.numel()`` elements of ``out``, one
+    program per ``_AT_BLOCK`` of them."""
+    n = out.numel()
+    if n:
+        with _on(out):
+            kernel[(triton.cdiv(n, _AT_BLOCK),)](out, *args, n, BLOCK=_AT_BLOCK, **_OPTIONS)
+    return out
+
+
 def _on(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device, which a model split over
     several GPUs does not keep at the tensor's)."""
@@ -193,10 +203,8 @@ def draw(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """Elements ``start .. start + out.numel() - 1`` of stream ``key`` into ``out`` (contiguous
     float32), in one kernel."""
     numel = out.numel()
+    g0, groups = zdef.group_range(start, numel)
     if numel:
-        span = 2 * zdef.GROUP
-        g0 = start // span
-        groups = -(-(start + numel) // span) - g0
         with _on(out):
             _draw_kernel[(groups,)](out, key, start, numel, g0, **_OPTIONS)
     return out
@@ -207,10 +215,8 @@ def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor
     (contiguous ``x`` and ``out`` of one dtype: float32, bfloat16 or float16; ``out`` may be
     ``x``), in one kernel: z is never written to memory."""
     numel = x.numel()
+    g0, groups = zdef.group_range(start, numel)
     if numel:
-        span = 2 * zdef.GROUP
-        g0 = start // span
-        groups = -(-(start + numel) // span) - g0
         fma = x.dtype == torch.float32
         with _on(out):
             _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
@@ -224,10 +230,8 @@ def update_bf16(
     ``start`` of its block: ``w <- round(fma(z, alpha, float(w) * factor))`` (see
     :func:`_update_kernel`), in one kernel."""
     numel = w.numel()
+    g0, groups = zdef.group_range(start, numel)
     if numel:
-        span = 2 * zdef.GROUP
-        g0 = start // span
-        groups = -(-(start + numel) // span) - g0
         args = (w, zkey, rkey, start, numel, g0, alpha, factor)
         with _on(w):
             _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
@@ -237,13 +241,7 @@ def update_bf16(
 def draw_at(key: int, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Elements ``index`` (contiguous int64) of stream ``key`` into ``out`` (float32, as many),
     in one kernel."""
-    n = index.numel()
-    if n:
-        with _on(out):
-            _at_kernel[(triton.cdiv(n, _AT_BLOCK),)](
-                out, index, key, n, BLOCK=_AT_BLOCK, **_OPTIONS
-            )
-    return out
+    return _flat_launch(_at_kernel, out, index, key)
 
 
 @triton.jit
@@ -256,10 +254,4 @@ def _bits_kernel(out_ptr, key, start, n, BLOCK: tl.constexpr):
 
 def bits(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """SplitMix64 outputs ``start ..`` of stream ``key`` into ``out`` (contiguous int64)."""
-    n = out.numel()
-    if n:
-        with _on(out):
-            _bits_kernel[(triton.cdiv(n, _AT_BLOCK),)](
-                out, key, start, n, BLOCK=_AT_BLOCK, **_OPTIONS
-            )
-    return out
+    return _flat_launch(_bits_kernel, out, key, start)

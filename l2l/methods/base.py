@@ -168,8 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.records: list[StepRecord] | None = [] if record else None
         self.nonfinite_steps = 0
         self.step_count = 0
-        self._numels = self.blocks.numels
-        self._numel_list = [p.numel() for p in self.blocks.params]
+        self._numels = [p.numel() for p in self.blocks.params]
         self._no_decay = [
             is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)
         ]
@@ -247,13 +246,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not self.normalize:
             return sigma, list(sigma)
         # nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2), with correctly rounded sums
-        weighted = math.fsum(n * s * s for n, s in zip(self._numel_list, sigma, strict=True))
+        weighted = math.fsum(n * s * s for n, s in zip(self._numels, sigma, strict=True))
         if not 0.0 < weighted < math.inf:
             raise ValueError(
                 f"block_scale's scales cannot be normalised: sum n_b sigma_b^2 = {weighted} "
                 f"(sigma from {min(sigma)} to {max(sigma)})"
             )
-        nf = math.sqrt(math.fsum(self._numel_list)) / math.sqrt(weighted)
+        nf = math.sqrt(math.fsum(self._numels)) / math.sqrt(weighted)
         return sigma, [s * nf for s in sigma]
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
