@@ -7,7 +7,8 @@ model of a real shape (no download), per method with and without a (fresh) learn
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
   counted; every z draw, random-bits draw and fused draw-and-add
-  (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) counts as one kernel: what
+  (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) and HiZOO's fused update
+  (``"l2l::hizoo"``) counts as one kernel: what
   it is on CUDA with Triton (:mod:`l2l.z_triton`); on other devices the torch-op reference runs,
   about 60 ops per pass of 2^21 elements;
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
@@ -49,7 +50,7 @@ NO_KERNEL = {
     ).split()
 }
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero"}
-RANGES = ("l2l::z", "l2l::bits", "l2l::add_z")
+RANGES = ("l2l::z", "l2l::bits", "l2l::add_z", "l2l::hizoo")
 
 
 def count_events(prof) -> Counter:

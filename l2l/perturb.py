@@ -91,6 +91,34 @@ class PlainZ:
             )
 
 
+class ScaledZ(PlainZ):
+    """HiZOO's direction ``z / sqrt(H)`` (``hessians[b]``: block ``b``'s float32 H), with
+    :class:`PlainZ`'s fused ops: a perturbed copy is one kernel where :func:`l2l.z.add_scaled_z`
+    has one, and ``root`` (a correctly rounded square root) divides the draw elsewhere."""
+
+    def __init__(self, seed, params, hessians: Sequence[torch.Tensor], root) -> None:
+        super().__init__(seed, params)
+        self.hessians, self.root = hessians, root
+
+    def __call__(self, block: int, chunk: int) -> torch.Tensor:
+        r0, r1 = row_chunks(self.params[block].shape, self.params[block].device)[chunk]
+        h = zdef.chunk_view(self.hessians[block], r0, r1)
+        return super().__call__(block, chunk).div_(self.root(h))
+
+    def hessian(self, block: int, start: int, like: torch.Tensor) -> torch.Tensor:
+        """H of block ``block`` at elements ``start .. start + like.numel() - 1``, shaped as
+        ``like``."""
+        flat = self.hessians[block].reshape(-1)
+        return flat[start : start + like.numel()].view(like.shape)
+
+    def add(self, x: torch.Tensor, block: int, start: int, coeff: float, out=None):
+        h = self.hessian(block, start, x)
+        return zdef.add_scaled_z(x, h, self.root, self.seed, block, start, coeff, out=out)
+
+    def update_(self, *args) -> bool:
+        return False  # HiZOO's update is its own fused kernel (l2l.methods.hizoo)
+
+
 def perturbed_block(
     param: torch.Tensor, block: int, direction: Direction, coeff: float
 ) -> torch.Tensor:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -420,16 +421,46 @@ def add_z(
     (:data:`KERNEL_DEVICES`) it is one kernel that never writes z; elsewhere a transient draw and
     those ops, the kernel's reference. Profiled as ``record_function("l2l::add_z")``.
     """
+    return _add(x, None, None, step_seed, block, start, alpha, out)
+
+
+def add_scaled_z(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    root: Callable[[torch.Tensor], torch.Tensor],
+    step_seed: int,
+    block: int,
+    start: int,
+    alpha: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`add_z` along ``z / sqrt(h)`` (HiZOO's direction; ``h`` float32 of ``x``'s shape):
+    the reference ops divide the draw by ``root(h)``, a correctly rounded square root (the
+    kernel's ``sqrt_rn``, which CUDA's ``torch.sqrt`` also is)."""
+    return _add(x, h, root, step_seed, block, start, alpha, out)
+
+
+def _add(x, h, root, step_seed: int, block: int, start: int, alpha: float, out):
     kernels = _kernels(x.device)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     with torch.profiler.record_function("l2l::add_z"):
         fused = kernels is not None and x.dtype in _FUSED_DTYPES and out.dtype == x.dtype
-        if fused and x.is_contiguous() and out.is_contiguous():
-            done = run_kernel(kernels, "add_z", x, z_key(step_seed, block), start, alpha, out)
+        fused = fused and x.is_contiguous() and out.is_contiguous()
+        if h is not None:
+            fused = fused and h.dtype == torch.float32 and h.is_contiguous()
+        if fused:
+            key = z_key(step_seed, block)
+            done = (
+                run_kernel(kernels, "add_z", x, key, start, alpha, out)
+                if h is None
+                else run_kernel(kernels, "add_scaled_z", x, h, key, start, alpha, out)
+            )
             if done is not None:
                 return done
         z = gaussian(step_seed, block, start, x.shape, x.device, transient=True)
+        if h is not None:
+            z = z.div_(root(h))
         if x.dtype in (torch.float32, torch.float64):
             return torch.add(x, z, alpha=alpha, out=out)
         return out.copy_(z.mul_(alpha).add_(x.float()))

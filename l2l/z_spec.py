@@ -1,5 +1,6 @@
 """The constants that define :mod:`l2l.z`'s generator, shared by its torch ops and its Triton
-kernels (:mod:`l2l.z_triton`). A leaf: it imports nothing."""
+kernels (:mod:`l2l.z_triton`), and those of the fused kernels' other ops. A leaf: it imports
+nothing."""
 
 # SplitMix64's increment and mix64's multipliers (Steele, Lea & Flood 2014).
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -30,3 +31,7 @@ def group_range(start: int, numel: int) -> tuple[int, int]:
     span = 2 * GROUP
     first = start // span
     return first, (-(-(start + numel) // span) - first if numel else 0)
+
+
+#: HiZOO's lower bound on its curvature H, so that Sigma^{1/2} = H^{-1/2} stays finite.
+H_FLOOR = 1e-12

@@ -22,12 +22,22 @@ operations as IEEE does: the tests compare them with the reference bit for bit t
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from l2l import z_spec as zdef
+
+
+def _bits64(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits32(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
 
 _GAMMA = tl.constexpr(zdef.GAMMA)
 _MIX1 = tl.constexpr(zdef.MIX1)
@@ -42,6 +52,12 @@ _L0, _L1, _L2, _L3 = (tl.constexpr(c) for c in zdef.LOG_POLY)
 _S0, _S1, _S2, _S3 = (tl.constexpr(c) for c in zdef.SIN_POLY)
 _C0, _C1, _C2, _C3 = (tl.constexpr(c) for c in zdef.COS_POLY)
 _G = tl.constexpr(zdef.GROUP)
+_SIGN64 = tl.constexpr(-(1 << 63))
+_INF64_BITS = tl.constexpr(0x7FF0_0000_0000_0000)
+_QNAN64_BITS = tl.constexpr(0x7FF8_0000_0000_0000)
+_TINY32_BITS = tl.constexpr(_bits64(2.0**-126))
+_H_FLOOR32_BITS = tl.constexpr(_bits32(zdef.H_FLOOR))
+_H_FLOOR64_BITS = tl.constexpr(_bits64(zdef.H_FLOOR))
 #: Launch options of every kernel here: no contracted FMAs (see the module docstring).
 _OPTIONS = dict(enable_fp_fusion=False, num_warps=4)
 
@@ -121,23 +137,28 @@ def _at_kernel(out_ptr, index_ptr, key, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _add_z_kernel(out_ptr, x_ptr, key, start, numel, first_group, alpha, FMA: tl.constexpr):
-    """``out = x + alpha z`` over elements ``[start, start + numel)`` of the stream, the groups of
-    :func:`_draw_kernel`: float32 ``x`` as one FMA (torch's ``add(x, z, alpha=alpha)``), half
-    precision ``x`` as ``z alpha + float(x)`` rounded twice, then to ``out``'s dtype (torch's
-    ``z.mul(alpha).add_(x.float()).to(x.dtype)``)."""
+def _add_z_kernel(
+    out_ptr, x_ptr, h_ptr, key, start, numel, first_group, alpha, FMA: tl.constexpr, SCALED
+):
+    """``out = x + alpha u`` over elements ``[start, start + numel)`` of the stream, the groups of
+    :func:`_draw_kernel`, with ``u = z`` or with ``SCALED`` HiZOO's ``u = z / sqrt(h)``
+    (``div_rn``, ``sqrt_rn``; ``h`` float32, aligned with ``x``): float32 ``x`` as one FMA
+    (torch's ``add(x, u, alpha=alpha)``), half precision ``x`` as ``u alpha + float(x)`` rounded
+    twice, then to ``out``'s dtype (torch's ``u.mul(alpha).add_(x.float()).to(x.dtype)``)."""
     g = first_group + tl.program_id(0).to(tl.int64)
     q = tl.arange(0, _G).to(tl.int64)
     out0, out1 = _box_muller(_pair_bits(key, g * _G + q))
     first = 2 * _G * g + q - start
-    _add_store(out_ptr, x_ptr, first, numel, out0, alpha, FMA)
-    _add_store(out_ptr, x_ptr, first + _G, numel, out1, alpha, FMA)
+    _add_store(out_ptr, x_ptr, h_ptr, first, numel, out0, alpha, FMA, SCALED)
+    _add_store(out_ptr, x_ptr, h_ptr, first + _G, numel, out1, alpha, FMA, SCALED)
 
 
 @triton.jit
-def _add_store(out_ptr, x_ptr, pos, numel, z, alpha, FMA: tl.constexpr):
+def _add_store(out_ptr, x_ptr, h_ptr, pos, numel, z, alpha, FMA: tl.constexpr, SCALED):
     mask = (pos >= 0) & (pos < numel)
     x = tl.load(x_ptr + pos, mask=mask, other=0.0)
+    if SCALED:
+        z = tl.div_rn(z, tl.sqrt_rn(tl.load(h_ptr + pos, mask=mask, other=1.0)))
     if FMA:
         y = tl.fma(z, alpha, x)
     else:
@@ -162,22 +183,149 @@ def _update_kernel(w_ptr, zkey, rkey, start, numel, first_group, alpha, factor, 
 
 
 @triton.jit
+def _word(rkey, element):
+    """Random word ``element`` of stream ``rkey`` (:func:`l2l.rounding.position_bits`): the low
+    half of SplitMix64 output ``element // 2`` for even ``element``, the high half for odd."""
+    word = _pair_bits(rkey, element >> 1)
+    word = tl.where((element & 1) == 1, word >> 32, word & 0xFFFFFFFF)
+    return word.to(tl.uint32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _round_bf16(x, rkey, element):
+    """float32 ``x`` stochastically rounded to a bfloat16 value (still float32), with word
+    ``element`` of stream ``rkey``: :func:`l2l.rounding.round_into`'s rule."""
+    r = _word(rkey, element) & 0xFFFF
+    m = x.to(tl.int32, bitcast=True)
+    sign = m & _SIGN
+    m = m ^ sign
+    m = tl.where(m > 0x7F800000, 0x7FC00000, m)  # NaN -> the quiet NaN
+    m = ((m + r) & -65536) | sign  # drop the low 16 bits after adding random ones
+    return m.to(tl.float32, bitcast=True)  # a bfloat16 value (or inf): converts exactly
+
+
+@triton.jit
+def _round_f32(x, rkey, element):
+    """float64 ``x`` stochastically rounded to float32 (the rule of :func:`_round_bf16` on 29
+    dropped bits; below float32's smallest normal value ``x + tiny`` is rounded and ``tiny`` taken
+    off, as :func:`l2l.rounding.round_into` does)."""
+    r = (_word(rkey, element) & 0x1FFFFFFF).to(tl.int64)
+    tiny = tl.full(x.shape, _TINY32_BITS, tl.int64).to(tl.float64, bitcast=True)
+    m = x.to(tl.int64, bitcast=True)
+    sign = m & _SIGN64
+    m = m ^ sign
+    m = tl.where(m > _INF64_BITS, _QNAN64_BITS, m)
+    offset = tl.where(m < _TINY32_BITS, tiny, tl.zeros_like(tiny))
+    m = (m.to(tl.float64, bitcast=True) + offset).to(tl.int64, bitcast=True)
+    m = ((m + r) & -(1 << 29)).to(tl.float64, bitcast=True) - offset
+    m = m.to(tl.int64, bitcast=True) | sign
+    return m.to(tl.float64, bitcast=True).to(tl.float32)  # exact: a float32 value (or inf)
+
+
+@triton.jit
 def _update_store(w_ptr, rkey, element, start, numel, z, alpha, factor, SR: tl.constexpr):
     pos = element - start
     mask = (pos >= 0) & (pos < numel)
     x = tl.load(w_ptr + pos, mask=mask, other=0.0).to(tl.float32) * factor
     x = tl.fma(z, alpha, x)
     if SR:
-        word = _pair_bits(rkey, element >> 1)
-        word = tl.where((element & 1) == 1, word >> 32, word & 0xFFFFFFFF)
-        r = word.to(tl.uint32).to(tl.int32, bitcast=True) & 0xFFFF
-        m = x.to(tl.int32, bitcast=True)
-        sign = m & _SIGN
-        m = m ^ sign
-        m = tl.where(m > 0x7F800000, 0x7FC00000, m)  # NaN -> the quiet NaN
-        m = ((m + r) & -65536) | sign  # drop the low 16 bits after adding random ones
-        x = m.to(tl.float32, bitcast=True)  # a bfloat16 value (or inf): converts exactly
+        x = _round_bf16(x, rkey, element)
     tl.store(w_ptr + pos, x.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit(do_not_specialize=["keep_hi", "keep_lo", "rate_hi", "rate_lo"])
+def _hizoo_kernel(
+    w_ptr,
+    h_ptr,
+    zkey,
+    wkey,
+    hkey,
+    start,
+    numel,
+    first_group,
+    alpha,
+    factor,
+    coef,
+    keep,
+    rate,
+    keep_hi,
+    keep_lo,
+    rate_hi,
+    rate_lo,
+    W: tl.constexpr,
+    H: tl.constexpr,
+):
+    """HiZOO's update of one chunk, in place and in one pass (see :func:`_hizoo_store`)."""
+    g = first_group + tl.program_id(0).to(tl.int64)
+    q = tl.arange(0, _G).to(tl.int64)
+    z0, z1 = _box_muller(_pair_bits(zkey, g * _G + q))
+    keep64 = _f64(keep_hi, keep_lo)
+    rate64 = _f64(rate_hi, rate_lo)
+    first = 2 * _G * g + q
+    args = (alpha, factor, coef, keep, rate, keep64, rate64)
+    _hizoo_store(w_ptr, h_ptr, wkey, hkey, first, start, numel, z0, *args, W, H)
+    _hizoo_store(w_ptr, h_ptr, wkey, hkey, first + _G, start, numel, z1, *args, W, H)
+
+
+@triton.jit
+def _f64(hi, lo):
+    """The float64 whose bit pattern has 32-bit halves ``hi`` and ``lo`` (Triton passes Python
+    floats as float32)."""
+    bits = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
+    return bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _hizoo_store(
+    w_ptr,
+    h_ptr,
+    wkey,
+    hkey,
+    element,
+    start,
+    numel,
+    z,
+    alpha,
+    factor,
+    coef,
+    keep,
+    rate,
+    keep64,
+    rate64,
+    W: tl.constexpr,
+    H: tl.constexpr,
+):
+    """With ``u = z / sqrt(h)`` at the chunk's H (``h``, float32):
+
+    * ``W``: 1 float32 ``w <- fma(u, alpha, w factor)``; 2 (3) bfloat16, the same in float32
+      rounded stochastically with stream ``wkey`` (to nearest even); 0 ``w`` untouched;
+    * ``H``: the EMA ``h <- (1 - a) h + a |coef h (z^2 - 1)|`` floored at ``_H_FLOOR``: 1 in
+      float32 (``keep``, ``rate`` = 1 - a, a), 2 in float64 (``keep64``, ``rate64``) rounded
+      stochastically into float32 with stream ``hkey``; 0 ``h`` untouched.
+
+    These are the float32/float64 ops of :meth:`l2l.methods.hizoo.HiZOO._apply`, in its order."""
+    pos = element - start
+    mask = (pos >= 0) & (pos < numel)
+    h = tl.load(h_ptr + pos, mask=mask, other=1.0)
+    if W != 0:
+        u = tl.div_rn(z, tl.sqrt_rn(h))
+        x = tl.load(w_ptr + pos, mask=mask, other=0.0).to(tl.float32) * factor
+        x = tl.fma(u, alpha, x)
+        if W == 2:
+            x = _round_bf16(x, wkey, element)
+        tl.store(w_ptr + pos, x.to(w_ptr.dtype.element_ty), mask=mask)
+    if H != 0:
+        est = tl.abs((coef * h) * (z * z - 1.0))
+        if H == 1:
+            new = tl.fma(est, rate, h * keep)
+            floor = tl.full(h.shape, _H_FLOOR32_BITS, tl.int32).to(tl.float32, bitcast=True)
+        else:
+            new = tl.fma(est.to(tl.float64), rate64, h.to(tl.float64) * keep64)
+            floor = tl.full(h.shape, _H_FLOOR64_BITS, tl.int64).to(tl.float64, bitcast=True)
+        new = tl.where(new < floor, floor, new)  # clamp(min=floor); NaN stays NaN
+        if H == 2:
+            new = _round_f32(new, hkey, element)
+        tl.store(h_ptr + pos, new, mask=mask)
 
 
 _AT_BLOCK = 1024
@@ -214,13 +362,52 @@ def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor
     """``out = x + alpha z`` for elements ``start .. start + x.numel() - 1`` of stream ``key``
     (contiguous ``x`` and ``out`` of one dtype: float32, bfloat16 or float16; ``out`` may be
     ``x``), in one kernel: z is never written to memory."""
+    return add_scaled_z(x, None, key, start, alpha, out)
+
+
+def add_scaled_z(
+    x: torch.Tensor, h: torch.Tensor | None, key: int, start: int, alpha: float, out: torch.Tensor
+) -> torch.Tensor:
+    """:func:`add_z` along HiZOO's ``z / sqrt(h)`` (``h``: contiguous float32 of ``x``'s shape),
+    or along z when ``h`` is None."""
     numel = x.numel()
     g0, groups = zdef.group_range(start, numel)
     if numel:
         fma = x.dtype == torch.float32
+        args = (out, x, x if h is None else h, key, start, numel, g0, alpha)
         with _on(out):
-            _add_z_kernel[(groups,)](out, x, key, start, numel, g0, alpha, FMA=fma, **_OPTIONS)
+            _add_z_kernel[(groups,)](*args, FMA=fma, SCALED=h is not None, **_OPTIONS)
     return out
+
+
+def hizoo_update(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    zkey: int,
+    wkey: int,
+    hkey: int,
+    start: int,
+    alpha: float,
+    factor: float,
+    coef: float,
+    rate: float,
+    w_mode: int,
+    h_mode: int,
+) -> torch.Tensor:
+    """HiZOO's update of a contiguous chunk ``w`` (float32 or bfloat16) and its float32 H chunk
+    ``h``, whose first element is element ``start`` of the block, in one kernel: the weights
+    along ``u = z / sqrt(h)`` and then H's EMA at rate ``rate`` with the estimate
+    ``|coef h (z^2 - 1)|`` (modes: see :func:`_hizoo_store`)."""
+    numel = w.numel()
+    g0, groups = zdef.group_range(start, numel)
+    if numel:
+        keep = 1.0 - rate
+        halves = [v for x in (keep, rate) for v in divmod(_bits64(x), 1 << 32)]
+        halves = [v - (1 << 32) if v >= 1 << 31 else v for v in halves]  # int32 arguments
+        args = (w, h, zkey, wkey, hkey, start, numel, g0, alpha, factor, coef, keep, rate)
+        with _on(w):
+            _hizoo_kernel[(groups,)](*args, *halves, W=w_mode, H=h_mode, **_OPTIONS)
+    return w
 
 
 def update_bf16(

@@ -396,31 +396,40 @@ class ZOOptimizer(torch.optim.Optimizer):
         every parameter bit-for-bit unchanged.
         """
         for b, p in enumerate(self.blocks.params):
-            decay = 0.0 if self._no_decay[b] else record.lr * record.weight_decay
-            coeff = coeffs[b]
-            if coeff == 0.0 and decay == 0.0:
+            decay = self._decay(record, b)
+            if coeffs[b] == 0.0 and decay == 0.0:
                 continue
-            key, rounding = rounding_key(record.seed, b, SALT_UPDATE), self.group["rounding"]
-            for c, (r0, r1) in enumerate(row_chunks(p.shape, p.device)):
-                view, start = chunk_view(p.data, r0, r1), chunk_start(p.shape, c, p.device)
-                lowrank = factors(b, c) if factors is not None and coeff else None
-                plain = coeff and lowrank is None and isinstance(direction, PlainZ)
-                if plain and direction.update_(view, b, start, coeff, decay, key, rounding):
-                    continue  # one fused kernel
-                # a half-precision chunk of plain z is one fused kernel where there are kernels:
-                # its reference ops below are profiled as that one kernel
-                fused = plain and view.dtype == torch.bfloat16
-                with torch.profiler.record_function("l2l::add_z") if fused else nullcontext():
-                    in_place = view.dtype in (torch.float32, torch.float64)
-                    new = view if in_place else upcast(view, torch.float32)
-                    if decay:
-                        new.mul_(1.0 - decay)
-                    if lowrank is not None:
-                        a, bt = (t.to(new.dtype) for t in lowrank)
-                        new.addmm_(a, bt.T, alpha=-coeff)
-                    elif plain:  # draw and add fused
-                        direction.add(new, b, start, -coeff, out=new)
-                    elif coeff:
-                        new.add_(direction(b, c), alpha=-coeff)
-                    if not in_place:
-                        round_into(view, new, key, start=start, rounding=rounding)
+            for c in range(len(row_chunks(p.shape, p.device))):
+                self._update_chunk(record, b, c, direction, coeffs[b], decay, factors)
+
+    def _decay(self, record: StepRecord, block: int) -> float:
+        """The step's weight-decay factor ``lr lambda`` of ``block`` (0 for no-decay blocks)."""
+        return 0.0 if self._no_decay[block] else record.lr * record.weight_decay
+
+    def _update_chunk(self, record, b: int, c: int, direction, coeff, decay, factors=None) -> None:
+        """:meth:`_update` of chunk ``c`` of block ``b``."""
+        p = self.blocks.params[b]
+        r0, r1 = row_chunks(p.shape, p.device)[c]
+        key, rounding = rounding_key(record.seed, b, SALT_UPDATE), self.group["rounding"]
+        view, start = chunk_view(p.data, r0, r1), chunk_start(p.shape, c, p.device)
+        lowrank = factors(b, c) if factors is not None and coeff else None
+        plain = coeff and lowrank is None and type(direction) is PlainZ
+        if plain and direction.update_(view, b, start, coeff, decay, key, rounding):
+            return  # one fused kernel
+        # a half-precision chunk of plain z is one fused kernel where there are kernels: its
+        # reference ops below are profiled as that one kernel
+        fused = plain and view.dtype == torch.bfloat16
+        with torch.profiler.record_function("l2l::add_z") if fused else nullcontext():
+            in_place = view.dtype in (torch.float32, torch.float64)
+            new = view if in_place else upcast(view, torch.float32)
+            if decay:
+                new.mul_(1.0 - decay)
+            if lowrank is not None:
+                a, bt = (t.to(new.dtype) for t in lowrank)
+                new.addmm_(a, bt.T, alpha=-coeff)
+            elif isinstance(direction, PlainZ) and coeff:  # draw and add fused
+                direction.add(new, b, start, -coeff, out=new)
+            elif coeff:
+                new.add_(direction(b, c), alpha=-coeff)
+            if not in_place:
+                round_into(view, new, key, start=start, rounding=rounding)

@@ -20,14 +20,26 @@ refreshed afterwards.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer, _loss_scalar
-from l2l.rounding import SALT_HESSIAN, round_into, rounding_key, sqrt_rn, upcast
-from l2l.z import chunk_start, chunk_view, gaussian_at, param_chunk_z, row_chunks
+from l2l.perturb import ScaledZ
+from l2l.rounding import SALT_HESSIAN, SALT_UPDATE, round_into, rounding_key, sqrt_rn, upcast
+from l2l.z import (
+    _kernels,
+    chunk_start,
+    chunk_view,
+    gaussian_at,
+    param_chunk_z,
+    row_chunks,
+    run_kernel,
+    z_key,
+)
+from l2l.z_spec import H_FLOOR
 
-#: Lower bound on H so that Sigma^{1/2} = H^{-1/2} stays finite.
-_H_FLOOR = 1e-12
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 #: How sqrt(H) is taken: "rn" correctly rounded on every device (:func:`l2l.rounding.sqrt_rn`),
 #: "torch" the device's ``torch.sqrt`` (not correctly rounded on the CPU; trajectories recorded
 #: before ``sqrt`` was a setting replay with it).
@@ -42,7 +54,12 @@ def hessian_diag_estimate(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """h_hat = (L+ + L- - 2 L0) / (2 mu^2) * H (z^2 - 1) / scale^2  (elementwise, unbiased)."""
-    return (delta_loss / (2.0 * mu * mu * scale * scale)) * hessian * (z.square() - 1.0)
+    return estimate_coef(delta_loss, mu, scale) * hessian * (z.square() - 1.0)
+
+
+def estimate_coef(delta_loss, mu: float, scale: float = 1.0):
+    """The scalar factor of :func:`hessian_diag_estimate`: (L+ + L- - 2 L0) / (2 mu^2 scale^2)."""
+    return delta_loss / (2.0 * mu * mu * scale * scale)
 
 
 class HiZOO(ZOOptimizer):
@@ -104,27 +121,99 @@ class HiZOO(ZOOptimizer):
         record.extra["delta_loss"] = lp + lm - 2.0 * l0
         return record
 
+    def _hessians(self) -> list[torch.Tensor]:
+        return [self.state[p]["hessian"] for p in self.blocks.params]
+
+    def _own_direction(self) -> bool:
+        """Whether the direction is HiZOO's own ``z / sqrt(H)`` with a correctly rounded root:
+        then perturbed copies and updates take the fused kernels where there are kernels. A
+        subclass that overrides how it is made keeps its own (and the torch ops), as do the
+        trajectories recorded with ``sqrt="torch"``."""
+        own = self._defined_by(HiZOO, "_direction", "_z", "_root", "_hessian")
+        return own and self.group["sqrt"] == "rn"
+
+    def _direction_of(self, ctx: StepContext):
+        if self._own_direction():
+            return ScaledZ(ctx.seed, self.blocks.params, self._hessians(), self._root)
+        return super()._direction_of(ctx)
+
     def _apply(self, record: StepRecord) -> None:
-        self._sgd_update(
-            record, lambda b, c: self._z(record.seed, b, c).div_(self._root(self._hessian(b, c)))
+        """theta <- theta - lr (g s_b u + lambda theta) along the H that was measured with, then
+        H's EMA, chunk by chunk: one kernel per chunk where there are kernels."""
+        own = self._own_direction()
+        direction = (
+            ScaledZ(record.seed, self.blocks.params, self._hessians(), self._root)
+            if own
+            else lambda b, c: self._z(record.seed, b, c).div_(self._root(self._hessian(b, c)))
         )
+        scales = record.scales or [1.0] * len(self.blocks)
         alpha = self.group["hessian_smooth"]
-        if alpha == 0.0:
-            return
-        mu, dl = self.group["eps"], record.extra["delta_loss"]
-        rounding = self.group["rounding"]
         for b, p in enumerate(self.blocks.params):
-            s = 1.0 if record.scales is None else record.scales[b]
+            coeff, decay = record.lr * record.grad * scales[b], self._decay(record, b)
             for c in range(len(row_chunks(p.shape, p.device))):
-                h = self._hessian(b, c)
-                est = hessian_diag_estimate(dl, self._z(record.seed, b, c), h, mu, s).abs_()
-                if rounding == "nearest":
-                    h.mul_(1.0 - alpha).add_(est, alpha=alpha).clamp_(min=_H_FLOOR)
+                fusable = own and self._fusable(record, b, c, coeff, scales[b])
+                if fusable and self._fused_chunk(record, b, c, coeff, decay, scales[b]):
                     continue
-                # in float64, rounded stochastically into float32: a step alpha |h_hat - H| far
-                # below H's spacing (alpha = 1e-8 against 6e-8 at H = 1) moves H in expectation
-                h64 = upcast(h, torch.float64).mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
-                key = rounding_key(record.seed, b, SALT_HESSIAN)
-                round_into(
-                    h, h64.clamp_(min=_H_FLOOR), key, start=chunk_start(p.shape, c, p.device)
-                )
+                # where there are kernels this chunk is one: its reference ops profiled as one
+                with torch.profiler.record_function("l2l::hizoo") if fusable else nullcontext():
+                    if coeff or decay:
+                        self._update_chunk(record, b, c, direction, coeff, decay)
+                    if alpha:
+                        self._refresh_chunk(record, b, c, scales[b])
+
+    def _fusable(self, record: StepRecord, b: int, c: int, coeff: float, scale: float) -> bool:
+        """Whether chunk ``c`` of block ``b`` has a fused kernel (contiguous float32 or bfloat16
+        weights, a nonzero update, a float32-finite estimate coefficient), given kernels."""
+        p = self.blocks.params[b]
+        if coeff == 0.0 or p.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        r0, r1 = row_chunks(p.shape, p.device)[c]
+        if not (chunk_view(p.data, r0, r1).is_contiguous() and self._hessian(b, c).is_contiguous()):
+            return False
+        return (
+            abs(estimate_coef(record.extra["delta_loss"], self.group["eps"], scale)) <= _FLOAT32_MAX
+        )
+
+    def _fused_chunk(self, record, b: int, c: int, coeff: float, decay: float, scale: float):
+        """The chunk's weight update and H refresh in one kernel; False (nothing written) where
+        there is none."""
+        p = self.blocks.params[b]
+        kernels = _kernels(p.device)
+        if kernels is None:
+            return False
+        r0, r1 = row_chunks(p.shape, p.device)[c]
+        rounding, alpha = self.group["rounding"], self.group["hessian_smooth"]
+        w_mode = 1 if p.dtype == torch.float32 else (2 if rounding == "stochastic" else 3)
+        h_mode = 0 if alpha == 0.0 else (2 if rounding == "stochastic" else 1)
+        args = (
+            chunk_view(p.data, r0, r1),
+            self._hessian(b, c),
+            z_key(record.seed, b),
+            rounding_key(record.seed, b, SALT_UPDATE),
+            rounding_key(record.seed, b, SALT_HESSIAN),
+            chunk_start(p.shape, c, p.device),
+            -coeff,
+            1.0 - decay,
+            estimate_coef(record.extra["delta_loss"], self.group["eps"], scale),
+            alpha,
+            w_mode,
+            h_mode,
+        )
+        with torch.profiler.record_function("l2l::hizoo"):
+            return run_kernel(kernels, "hizoo_update", *args) is not None
+
+    def _refresh_chunk(self, record: StepRecord, b: int, c: int, scale: float) -> None:
+        """H <- (1 - alpha) H + alpha |h_hat| on chunk ``c`` of block ``b``, floored."""
+        p = self.blocks.params[b]
+        alpha, rounding = self.group["hessian_smooth"], self.group["rounding"]
+        h, z = self._hessian(b, c), self._z(record.seed, b, c)
+        est = hessian_diag_estimate(record.extra["delta_loss"], z, h, self.group["eps"], scale)
+        est.abs_()
+        if rounding == "nearest":
+            h.mul_(1.0 - alpha).add_(est, alpha=alpha).clamp_(min=H_FLOOR)
+            return
+        # in float64, rounded stochastically into float32: a step alpha |h_hat - H| far below
+        # H's spacing (alpha = 1e-8 against 6e-8 at H = 1) moves H in expectation
+        h64 = upcast(h, torch.float64).mul_(1.0 - alpha).add_(est.double(), alpha=alpha)
+        key = rounding_key(record.seed, b, SALT_HESSIAN)
+        round_into(h, h64.clamp_(min=H_FLOOR), key, start=chunk_start(p.shape, c, p.device))

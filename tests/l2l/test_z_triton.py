@@ -22,6 +22,7 @@ TESTS = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
 import json, sys
+from fractions import Fraction
 import numpy as np
 import torch
 import triton.language as tl
@@ -29,7 +30,17 @@ from triton.runtime import interpreter
 sys.path.insert(0, sys.argv[1])
 
 
+def exact_fma64(x, y, z):
+    # float64: the exact value as a fraction, rounded once (float() of a Fraction rounds to
+    # nearest even)
+    f = np.frompyfunc(lambda a, b, c: float(Fraction(a) * Fraction(b) + Fraction(c)), 3, 1)
+    return f(x, y, z).astype(np.float64)
+
+
 def exact_fma(self, x, y, z):
+    if z.data.dtype == np.float64:
+        r = exact_fma64(x.data.astype(np.float64), y.data.astype(np.float64), z.data)
+        return interpreter.TensorHandle(r, z.dtype.scalar)
     # The interpreter's fma is x * y + z in NumPy float32 (two roundings); a GPU's is one.
     # Exact emulation: x y is exact in float64 (24 + 24 bits), TwoSum gives the float64 sum s
     # and its error e, and s rounds to float32 as the exact sum does unless s is a float32
@@ -65,7 +76,8 @@ from helpers import lm_closure, snapshot, tiny_lm
 from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
-launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0}
+launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0, "add_scaled_z": 0,
+            "hizoo_update": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         launches[_n] += 1
@@ -103,6 +115,8 @@ runs = [("draws", None, None, {})] + [("train", m, d, {}) for m in ("mezo", "hiz
                                       for d in (torch.float32, torch.bfloat16)]
 runs += [("train", "mezo", torch.bfloat16, dict(rounding="nearest", weight_decay=0.5)),
          ("train", "mezo", torch.float32, dict(weight_decay=0.5))]
+runs += [("train", "hizoo", d, dict(rounding=r, weight_decay=0.5))
+         for d in (torch.float32, torch.bfloat16) for r in ("stochastic", "nearest")]
 mismatches = []
 for accelerator in (False, True):  # the CPU's chunking, then whole weights + gathered embedding
     for what, method, dtype, kw in runs:
@@ -135,9 +149,9 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mismatches"] == []
     launches = result["launches"]
-    # every entry point ran as a kernel: whole draws (HiZOO), looked-up rows, rounding bits
-    # (HiZOO's bfloat16 H), draw-and-add (MeZO's perturbed copies and float32 updates), fused
-    # bfloat16 updates
+    # every entry point ran as a kernel: whole draws, looked-up rows, rounding bits, draw-and-add
+    # (MeZO's perturbed copies and float32 updates), fused bfloat16 updates, HiZOO's perturbed
+    # copies along z / sqrt(H) and its fused update and curvature EMA
     assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
 
 
