@@ -8,9 +8,10 @@ model of a real shape (no download), per method with and without a (fresh) learn
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
   counted; every z draw, random-bits draw and fused draw-and-add
   (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) and HiZOO's fused update
-  (``"l2l::hizoo"``) counts as one kernel: what
-  it is on CUDA with Triton (:mod:`l2l.z_triton`); on other devices the torch-op reference runs,
-  about 60 ops per pass of 2^21 elements;
+  (``"l2l::hizoo"``) counts as one kernel, the tuner's block statistics (``"l2l::moments"``) as
+  two: what they are on CUDA with Triton (:mod:`l2l.z_triton`; the statistics: two per dtype of
+  the weights); on other devices the torch-op reference runs (a z draw: about 60 ops per pass of
+  2^21 elements);
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
 * ``syncs``: host synchronisations an accelerator would make: ``_local_scalar_dense``
   (``item``, ``float``, ``bool``), ``nonzero`` (masked indexing) and every ``tolist``/``cpu``/
@@ -50,11 +51,13 @@ NO_KERNEL = {
     ).split()
 }
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero"}
-RANGES = ("l2l::z", "l2l::bits", "l2l::add_z", "l2l::hizoo")
+#: profiled ranges -> the kernels they are on CUDA with Triton (whatever their CPU reference runs)
+RANGES = {"l2l::z": 1, "l2l::bits": 1, "l2l::add_z": 1, "l2l::hizoo": 1, "l2l::moments": 2}
 
 
 def count_events(prof) -> Counter:
-    """{op name: count} of the outermost launching ops (a z/bits range is one op)."""
+    """{op name: count} of the outermost launching ops (a range of :data:`RANGES` counts as its
+    kernels)."""
     counts: Counter = Counter()
     for ev in prof.events():
         name = ev.name
@@ -68,7 +71,9 @@ def count_events(prof) -> Counter:
             counts["sync:" + name] += 1  # syncs count at any depth
         if inside:
             continue
-        if name in RANGES or (name.startswith("aten::") and name not in NO_KERNEL):
+        if name in RANGES:
+            counts[name] += RANGES[name]
+        elif name.startswith("aten::") and name not in NO_KERNEL:
             counts[name] += 1
     return counts
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from l2l.shards import all_gather, is_sharded, local_rows, shard_group
-from l2l.z import accelerated
+from l2l.z import _kernels, accelerated, run_kernel
 
 #: Blocks up to this many elements get exact float64 statistics (see ParamBlocks.statistics).
 EXACT_STATS = 1 << 16
@@ -153,17 +153,29 @@ class ParamBlocks:
 
 
 def _device_var_mean(flats: list[torch.Tensor], home: torch.device):
-    """(B,) float64 mean and variance from per-block float64 ``sum`` and ``vector_norm``."""
-    sums = torch.stack([f.sum(dtype=torch.float64).to(home) for f in flats])
-    if all(f.device == home for f in flats):
-        norms = torch.stack(torch._foreach_norm(flats, 2, dtype=torch.float64))
-    else:
-        norms = torch.stack(
-            [torch.linalg.vector_norm(f, dtype=torch.float64).to(home) for f in flats]
-        )
-    n = torch.tensor([f.numel() for f in flats], dtype=torch.float64).to(home, non_blocking=True)
-    mean = sums / n
-    return mean, (norms.square() / n - mean.square()).clamp_min(0.0)
+    """(B,) float64 mean and population variance ``E[x^2] - E[x]^2`` of every block.
+
+    Where :mod:`l2l.z_triton` runs, two kernels per dtype for all blocks
+    (``block_var_mean``); elsewhere a float64 ``sum`` per block, one multi-tensor
+    ``_foreach_norm`` and the combination (the same values to rounding). Profiled as
+    ``record_function("l2l::moments")``."""
+    with torch.profiler.record_function("l2l::moments"):
+        kernels = _kernels(home)
+        if kernels is not None and all(f.device == home and f.is_contiguous() for f in flats):
+            out = run_kernel(kernels, "block_var_mean", flats)
+            if out is not None:
+                return out[:, 0], out[:, 1]
+        sums = torch.stack([f.sum(dtype=torch.float64).to(home) for f in flats])
+        if all(f.device == home for f in flats):
+            norms = torch.stack(torch._foreach_norm(flats, 2, dtype=torch.float64))
+        else:
+            norms = torch.stack(
+                [torch.linalg.vector_norm(f, dtype=torch.float64).to(home) for f in flats]
+            )
+        n = torch.tensor([f.numel() for f in flats], dtype=torch.float64)
+        n = n.to(home, non_blocking=True)
+        mean = sums / n
+        return mean, (norms.square() / n - mean.square()).clamp_min(0.0)
 
 
 def _merge_shards(params, sharded, means, variances) -> None:

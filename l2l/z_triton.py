@@ -442,3 +442,150 @@ def _bits_kernel(out_ptr, key, start, n, BLOCK: tl.constexpr):
 def bits(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """SplitMix64 outputs ``start ..`` of stream ``key`` into ``out`` (contiguous int64)."""
     return _flat_launch(_bits_kernel, out, key, start)
+
+
+# ---- block moments: the tuner's statistics of every block in two kernels ----------------------
+
+_MOMENT_TILE, _MOMENT_ITERS, _COMBINE = 2048, 32, 1024
+#: elements one program of :func:`_moments_kernel` reduces
+MOMENT_SPAN = _MOMENT_TILE * _MOMENT_ITERS
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _moments_kernel(
+    addr_ptr,
+    numel_ptr,
+    prog_block_ptr,
+    prog_start_ptr,
+    partial_ptr,
+    DTYPE: tl.constexpr,
+    TILE: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    """Program ``p``: the float64 sum and sum of squares of elements ``[s, s + TILE ITERS)`` of
+    block ``prog_block[p]`` (``s = prog_start[p]``), whose data starts at address ``addr[b]``;
+    a fixed reduction tree, so the same inputs give the same bits."""
+    p = tl.program_id(0)
+    b = tl.load(prog_block_ptr + p)
+    start = tl.load(prog_start_ptr + p)
+    n = tl.load(numel_ptr + b)
+    base = tl.load(addr_ptr + b).to(tl.pointer_type(DTYPE))
+    acc = tl.zeros((TILE,), tl.float64)
+    acc2 = tl.zeros((TILE,), tl.float64)
+    for it in range(ITERS):
+        i = start + it * TILE + tl.arange(0, TILE).to(tl.int64)
+        x = tl.load(base + i, mask=i < n, other=0.0).to(tl.float64)
+        acc += x
+        acc2 += x * x
+    tl.store(partial_ptr + 2 * p, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + 2 * p + 1, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _combine_kernel(partial_ptr, first_ptr, numel_ptr, row_ptr, out_ptr, CH: tl.constexpr):
+    """Program ``b``: the sums of block ``b``'s programs ``first[b] .. first[b + 1] - 1``, in a
+    fixed order, as the block's float64 mean and population variance ``E[x^2] - E[x]^2``
+    (floored at 0) in row ``row[b]`` of ``out`` (B, 2)."""
+    b = tl.program_id(0)
+    t0 = tl.load(first_ptr + b)
+    t1 = tl.load(first_ptr + b + 1)
+    acc = tl.zeros((CH,), tl.float64)
+    acc2 = tl.zeros((CH,), tl.float64)
+    for t in range(t0, t1, CH):
+        j = t + tl.arange(0, CH).to(tl.int64)
+        acc += tl.load(partial_ptr + 2 * j, mask=j < t1, other=0.0)
+        acc2 += tl.load(partial_ptr + 2 * j + 1, mask=j < t1, other=0.0)
+    n = tl.load(numel_ptr + b).to(tl.float64)
+    mean = tl.div_rn(tl.sum(acc, axis=0), n)
+    var = tl.div_rn(tl.sum(acc2, axis=0), n) - mean * mean
+    row = tl.load(row_ptr + b)
+    tl.store(out_ptr + 2 * row, mean)
+    tl.store(out_ptr + 2 * row + 1, tl.where(var < 0.0, 0.0, var))
+
+
+class _Tables:
+    """Per (device, blocks' addresses, sizes and dtypes): the launch tables of
+    :func:`block_moments`, uploaded once (one host-to-device copy) and reused every step."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._cache: dict[tuple, list] = {}
+        self.size = size
+
+    def get(self, flats: list[torch.Tensor], device: torch.device) -> list:
+        key = (device, tuple((f.data_ptr(), f.numel(), f.dtype) for f in flats))
+        tables = self._cache.get(key)
+        if tables is None:
+            tables = self._build(flats, device)
+            if len(self._cache) >= self.size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = tables
+        return tables
+
+    @staticmethod
+    def _build(flats: list[torch.Tensor], device: torch.device) -> list:
+        groups: dict[torch.dtype, list[int]] = {}
+        for b, f in enumerate(flats):
+            groups.setdefault(f.dtype, []).append(b)
+        host, layout = [], []
+        for dtype, rows in groups.items():
+            progs = [-(-flats[b].numel() // MOMENT_SPAN) for b in rows]
+            first = [0]
+            for k in progs:
+                first.append(first[-1] + k)
+            block = [i for i, k in enumerate(progs) for _ in range(k)]
+            start = [s * MOMENT_SPAN for k in progs for s in range(k)]
+            parts = [
+                [flats[b].data_ptr() for b in rows],
+                [flats[b].numel() for b in rows],
+                block,
+                start,
+                first,
+                rows,
+            ]
+            offsets = []
+            for part in parts:
+                offsets.append((len(host), len(part)))
+                host.extend(part)
+            layout.append((dtype, first[-1], len(rows), offsets))
+        table = torch.tensor(host, dtype=torch.int64).to(device)
+        return [
+            (dtype, programs, nrows, [table[o : o + n] for o, n in offsets])
+            for dtype, programs, nrows, offsets in layout
+        ]
+
+
+_TABLES = _Tables()
+
+
+def block_var_mean(flats: list[torch.Tensor]) -> torch.Tensor:
+    """(B, 2) float64 ``[mean, variance]`` of each contiguous tensor of ``flats`` (one device;
+    float32, bfloat16, float16 or float64), in two kernels per dtype: programs that sum
+    ``MOMENT_SPAN`` elements and their squares, then one fixed-order sum per block.
+    Deterministic: the same weights give the same bits."""
+    device = flats[0].device
+    out = torch.empty(len(flats), 2, dtype=torch.float64, device=device)  # every row written
+    with _on(out):
+        for dtype, programs, nrows, (addr, numel, block, start, first, rows) in _TABLES.get(
+            flats, device
+        ):
+            partial = torch.empty(max(programs, 1), 2, dtype=torch.float64, device=device)
+            if programs:
+                _moments_kernel[(programs,)](
+                    addr,
+                    numel,
+                    block,
+                    start,
+                    partial,
+                    DTYPE=_TL_DTYPES[dtype],
+                    TILE=_MOMENT_TILE,
+                    ITERS=_MOMENT_ITERS,
+                    **_OPTIONS,
+                )
+            _combine_kernel[(nrows,)](partial, first, numel, rows, out, CH=_COMBINE, **_OPTIONS)
+    return out

@@ -77,7 +77,7 @@ from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
 launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0, "add_scaled_z": 0,
-            "hizoo_update": 0}
+            "hizoo_update": 0, "block_var_mean": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         launches[_n] += 1
@@ -132,7 +132,19 @@ for accelerator in (False, True):  # the CPU's chunking, then whole weights + ga
             got.append(draws() if what == "draws" else train(method, dtype, **kw))
         if not all(torch.equal(a, b) for a, b in zip(*got, strict=True)):
             mismatches.append(f"{what} {method} {dtype} {kw} accelerator={accelerator}")
-print(json.dumps({"mismatches": mismatches, "launches": launches}))
+# the tuner's block statistics: kernels (two per dtype) against the torch ops, to rounding
+from l2l.blocks import _device_var_mean
+gen = torch.Generator().manual_seed(3)
+flats = [(torch.randn(n, generator=gen) * sd + mu).to(dt) for n, sd, mu, dt in (
+    (200_003, 0.02, 1e-3, torch.float32), (576, 0.1, 1.0, torch.float32), (1, 1.0, 0.5, torch.float32),
+    (70_000, 0.05, 0.0, torch.bfloat16), (3 * 65_536, 0.02, -0.01, torch.float32))]
+zdef.KERNEL_DEVICES.clear()
+want = torch.stack(_device_var_mean(flats, torch.device("cpu")), 1)
+zdef.KERNEL_DEVICES.add("cpu")
+got = [torch.stack(_device_var_mean(flats, torch.device("cpu")), 1) for _ in range(2)]
+moments = dict(rel=float(((got[0] - want).abs() / want.abs().clamp_min(1e-300)).max()),
+               same_bits=torch.equal(got[0], got[1]))
+print(json.dumps({"mismatches": mismatches, "launches": launches, "moments": moments}))
 """
 
 
@@ -153,6 +165,8 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     # (MeZO's perturbed copies and float32 updates), fused bfloat16 updates, HiZOO's perturbed
     # copies along z / sqrt(H) and its fused update and curvature EMA
     assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
+    # the block statistics agree with the torch ops to rounding and are deterministic
+    assert result["moments"]["rel"] < 1e-9 and result["moments"]["same_bits"], result["moments"]
 
 
 def test_cuda_takes_the_kernels_and_a_missing_triton_falls_back(monkeypatch):
