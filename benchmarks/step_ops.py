@@ -8,7 +8,8 @@ model of a real shape (no download), per method with and without a (fresh) learn
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
   counted; every z draw, random-bits draw and fused draw-and-add
   (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) and HiZOO's fused update
-  (``"l2l::hizoo"``) counts as one kernel, the tuner's block statistics (``"l2l::moments"``) as
+  (``"l2l::hizoo"``) and stochastic rounding into bfloat16 or float32 (``"l2l::round"``)
+  counts as one kernel, the tuner's block statistics (``"l2l::moments"``) as
   two: what they are on CUDA with Triton (:mod:`l2l.z_triton`; the statistics: two per dtype of
   the weights); on other devices the torch-op reference runs (a z draw: about 60 ops per pass of
   2^21 elements);
@@ -52,7 +53,14 @@ NO_KERNEL = {
 }
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero"}
 #: profiled ranges -> the kernels they are on CUDA with Triton (whatever their CPU reference runs)
-RANGES = {"l2l::z": 1, "l2l::bits": 1, "l2l::add_z": 1, "l2l::hizoo": 1, "l2l::moments": 2}
+RANGES = {
+    "l2l::z": 1,
+    "l2l::bits": 1,
+    "l2l::add_z": 1,
+    "l2l::hizoo": 1,
+    "l2l::round": 1,
+    "l2l::moments": 2,
+}
 
 
 def count_events(prof) -> Counter:

@@ -28,6 +28,7 @@ elementwise torch ops besides the bits, no host synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -218,4 +219,13 @@ def round_into(
             f"stochastic rounding into {dest.dtype} takes a contiguous {wanted} input, got a "
             f"{'' if x.is_contiguous() else 'non-contiguous '}{x.dtype} tensor"
         )
-    _round_bits(dest, x, position_bits(key, start, x.numel(), x.device), complement)
+    # bfloat16 and float32 targets are one kernel where there are kernels; elsewhere these
+    # ops, its reference, profiled as that kernel
+    fused = dest.dtype in (torch.bfloat16, torch.float32) and dest.is_contiguous()
+    with torch.profiler.record_function("l2l::round") if fused else contextlib.nullcontext():
+        kernels = zdef._kernels(x.device) if fused else None
+        if kernels is not None:
+            args = (dest.view(-1), x.view(-1), key, start, complement)
+            if zdef.run_kernel(kernels, "round_into", *args) is not None:
+                return
+        _round_bits(dest, x, position_bits(key, start, x.numel(), x.device), complement)

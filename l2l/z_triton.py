@@ -192,10 +192,11 @@ def _word(rkey, element):
 
 
 @triton.jit
-def _round_bf16(x, rkey, element):
+def _round_bf16(x, rkey, element, flip=0):
     """float32 ``x`` stochastically rounded to a bfloat16 value (still float32), with word
-    ``element`` of stream ``rkey``: :func:`l2l.rounding.round_into`'s rule."""
-    r = _word(rkey, element) & 0xFFFF
+    ``element`` of stream ``rkey`` (its dropped bits xor ``flip``): :func:`l2l.rounding.round_into`'s
+    rule."""
+    r = (_word(rkey, element) & 0xFFFF) ^ flip
     m = x.to(tl.int32, bitcast=True)
     sign = m & _SIGN
     m = m ^ sign
@@ -205,11 +206,11 @@ def _round_bf16(x, rkey, element):
 
 
 @triton.jit
-def _round_f32(x, rkey, element):
+def _round_f32(x, rkey, element, flip=0):
     """float64 ``x`` stochastically rounded to float32 (the rule of :func:`_round_bf16` on 29
     dropped bits; below float32's smallest normal value ``x + tiny`` is rounded and ``tiny`` taken
     off, as :func:`l2l.rounding.round_into` does)."""
-    r = (_word(rkey, element) & 0x1FFFFFFF).to(tl.int64)
+    r = ((_word(rkey, element) & 0x1FFFFFFF) ^ flip).to(tl.int64)
     tiny = tl.full(x.shape, _TINY32_BITS, tl.int64).to(tl.float64, bitcast=True)
     m = x.to(tl.int64, bitcast=True)
     sign = m & _SIGN64
@@ -331,6 +332,20 @@ def _hizoo_store(
 _AT_BLOCK = 1024
 
 
+@triton.jit
+def _round_kernel(dest_ptr, x_ptr, rkey, start, flip, n, BLOCK: tl.constexpr):
+    """``dest[j]`` = ``x[j]`` (float32 into bfloat16, float64 into float32) rounded
+    stochastically with word ``start + j`` of stream ``rkey``, its dropped bits xor ``flip``."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < n
+    x = tl.load(x_ptr + j, mask=mask, other=0.0)
+    if dest_ptr.dtype.element_ty == tl.float32:
+        y = _round_f32(x, rkey, start + j, flip)
+    else:
+        y = _round_bf16(x, rkey, start + j, flip)
+    tl.store(dest_ptr + j, y.to(dest_ptr.dtype.element_ty), mask=mask)
+
+
 def _flat_launch(kernel, out: torch.Tensor, *args) -> torch.Tensor:
     """``kernel(out, *args, n, BLOCK)`` over the ``n = out.numel()`` elements of ``out``, one
     program per ``_AT_BLOCK`` of them."""
@@ -423,6 +438,13 @@ def update_bf16(
         with _on(w):
             _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
     return w
+
+
+def round_into(dest: torch.Tensor, x: torch.Tensor, key: int, start: int, complement: bool):
+    """:func:`l2l.rounding.round_into` (stochastic) of a contiguous float32 ``x`` into a
+    contiguous bfloat16 ``dest``, or float64 into float32, in one kernel."""
+    flip = ((1 << 29) - 1 if dest.dtype == torch.float32 else 0xFFFF) if complement else 0
+    return _flat_launch(_round_kernel, dest, x, key, start, flip)
 
 
 def draw_at(key: int, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
+from l2l.perturb import PlainZ
 from l2l.z import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
 
 _V_STREAM = 0x56  # "V"
@@ -115,6 +116,9 @@ class LOZO(ZOOptimizer):
 
         def direction(b: int, c: int) -> torch.Tensor:  # the 1-D blocks: plain Gaussian
             return self._u(record.seed, b, c)
+
+        if self._defined_by(LOZO, "_u", "_direction"):  # plain z: fused where there are kernels
+            direction = PlainZ(record.seed, self.blocks.params)
 
         scales = record.scales or [1.0] * len(self.blocks)
         coeffs = [

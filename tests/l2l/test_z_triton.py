@@ -77,7 +77,7 @@ from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
 launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0, "add_scaled_z": 0,
-            "hizoo_update": 0, "block_var_mean": 0}
+            "hizoo_update": 0, "block_var_mean": 0, "round_into": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         launches[_n] += 1
@@ -99,6 +99,16 @@ def draws():
         out.append(zdef.add_z(x, 4, 2, 5000, -3e-3))  # a perturbed copy
         y = x.clone()
         out.append(zdef.add_z(y, 4, 2, 0, 1e-2, out=y))  # in place
+    from l2l.rounding import round_into
+    for dest_dtype, src_dtype, big in ((torch.bfloat16, torch.float32, 3.3e38),
+                                       (torch.float32, torch.float64, 3.4028235e38)):
+        x = torch.randn(5000, generator=gen, dtype=src_dtype) * 1e-3
+        x[:9] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), big, -big,
+                              1e-40, -3e-39], dtype=src_dtype)
+        for complement in (False, True):
+            d = torch.empty(5000, dtype=dest_dtype)
+            round_into(d, x.clone(), 77, start=3, complement=complement)
+            out.append(d)
     return [bits(t) for t in out]
 
 def train(method, dtype, **kw):
@@ -117,6 +127,7 @@ runs += [("train", "mezo", torch.bfloat16, dict(rounding="nearest", weight_decay
          ("train", "mezo", torch.float32, dict(weight_decay=0.5))]
 runs += [("train", "hizoo", d, dict(rounding=r, weight_decay=0.5))
          for d in (torch.float32, torch.bfloat16) for r in ("stochastic", "nearest")]
+runs += [("train", "lozo-m", torch.bfloat16, dict(weight_decay=0.5))]
 mismatches = []
 for accelerator in (False, True):  # the CPU's chunking, then whole weights + gathered embedding
     for what, method, dtype, kw in runs:
