@@ -52,6 +52,8 @@ class LOZO(ZOOptimizer):
         super().__init__(
             params, lr, eps, weight_decay, rank=rank, nu=nu, momentum=momentum, **kwargs
         )
+        self._step_u: dict = {}  # the current step's U per (block, chunk), see _u
+        self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _is_matrix(self, block: int) -> bool:
         return self.blocks.params[block].ndim == 2
@@ -74,12 +76,29 @@ class LOZO(ZOOptimizer):
             state["v"], state["v_epoch"] = v_new, epoch
 
     def _u(self, seed: int, block: int, chunk: int) -> torch.Tensor:
+        """U's rows of the chunk (a matrix block; z for a 1-D block). A step's U is drawn once
+        and kept until the next step's seed (both forwards and the update use it; rows x rank
+        numbers per matrix), so it is not modified by its users."""
         p = self.blocks.params[block]
         r0, r1 = row_chunks(p.shape, p.device)[chunk]
         if not self._is_matrix(block):
             return param_chunk_z(seed, block, chunk, p)
-        rank = self.group["rank"]
-        return gaussian_chunk(seed, block, chunk, (r1 - r0, rank), p.device, start=r0 * rank)
+        if self._step_u.get("seed") != seed:
+            self._step_u = {"seed": seed}
+        u = self._step_u.get((block, chunk))
+        if u is None:
+            rank = self.group["rank"]
+            u = gaussian_chunk(seed, block, chunk, (r1 - r0, rank), p.device, start=r0 * rank)
+            self._step_u[block, chunk] = u
+        return u
+
+    def _v_over_rank(self, block: int) -> torch.Tensor:
+        """V / rank of a matrix block, computed once per V (each redraw)."""
+        v = self.state[self.blocks.params[block]]["v"]
+        cached = self._scaled_v.get(block)
+        if cached is None or cached[0] is not v:
+            cached = self._scaled_v[block] = (v, v / self.group["rank"])
+        return cached[1]
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         u = self._u(ctx.seed, block, chunk)
@@ -99,7 +118,7 @@ class LOZO(ZOOptimizer):
 
     def _apply(self, record: StepRecord) -> None:
         self._prepare(record.step, record.seed)
-        beta, rank = self.group["momentum"], self.group["rank"]
+        beta = self.group["momentum"]
         if beta:
             self._accumulate_momentum(record, beta)
 
@@ -111,8 +130,8 @@ class LOZO(ZOOptimizer):
             if beta:  # N already carries (1 - beta) c s_b
                 p = self.blocks.params[b]
                 r0, r1 = row_chunks(p.shape, p.device)[c]
-                return state["n"][r0:r1], state["v"] / rank
-            return self._u(record.seed, b, c), state["v"] / rank
+                return state["n"][r0:r1], self._v_over_rank(b)
+            return self._u(record.seed, b, c), self._v_over_rank(b)
 
         def direction(b: int, c: int) -> torch.Tensor:  # the 1-D blocks: plain Gaussian
             return self._u(record.seed, b, c)
