@@ -166,6 +166,41 @@ def zero_shot(task_name: str, args, budget: dict, model=None, tok=None) -> dict:
     return metrics
 
 
+_TUNER_DIGESTS: dict[str, str] = {}
+
+
+def tuner_digest(spec: str) -> str:
+    """SHA-256 of the weights ``--tuner spec`` resolves to (what a run records)."""
+    if spec not in _TUNER_DIGESTS:
+        from finetune.checkpoint import tensors_digest
+        from l2l.tuner import Tuner
+        from tuner_zoo.resolve import resolve_tuner
+
+        _TUNER_DIGESTS[spec] = tensors_digest(Tuner.load_folder(resolve_tuner(spec)))
+    return _TUNER_DIGESTS[spec]
+
+
+def check_same_tuner(results: dict, args, path: Path) -> None:
+    """A finished +tuner run is reused only if it ran with the tuner ``--tuner`` gives now."""
+    recorded = (results.get("tuner") or {}).get("weights_sha256")
+    current = tuner_digest(args.tuner)
+    if recorded != current:
+        raise SystemExit(
+            f"{path} was made with another tuner (weights sha256 {recorded or 'not recorded'}; "
+            f"--tuner {args.tuner} has {current}): its results would be mixed with this "
+            "tuner's. Use another --out for this tuner, or delete that file to rerun it."
+        )
+
+
+def reuse(path: Path, call: tuple) -> dict:
+    """The results in ``path`` of the job ``call = (fn, *fn_args)``, checked to be this job's: a
+    +tuner run must have run with the tuner ``--tuner`` resolves to now."""
+    results = json.loads(path.read_text())
+    if call[0] is run_one and call[1].scale == "tuner":
+        check_same_tuner(results, call[2], path)
+    return results
+
+
 def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     """One fine-tuning run through the same code path as the ``finetune`` CLI.
 
@@ -173,7 +208,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     """
     path = run_path(spec, args)
     if path.exists():
-        return json.loads(path.read_text())
+        return reuse(path, (run_one, spec, args))
     before = zero_shot(spec.task, args, budget)
     from finetune.cli import parse, setup
 
@@ -312,7 +347,7 @@ def run_all(jobs: list[tuple], args, what: str) -> list[dict]:
     todo = []
     for i, (path, *call) in enumerate(jobs):
         if path.exists():
-            results[i] = json.loads(path.read_text())
+            results[i] = reuse(path, call)
         else:
             todo.append((i, call))
     args.ran = getattr(args, "ran", 0) + len(todo)
@@ -504,10 +539,6 @@ def plot(all_runs: dict, args) -> None:
     fig.savefig(args.out / "loss_curves.png", dpi=120)
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -560,7 +591,7 @@ def main(argv=None) -> None:
         )
     start = time.perf_counter()
     fetch = (
-        (lambda jobs, what: [read_json(path) for path, *_ in jobs])
+        (lambda jobs, what: [reuse(p, call) if p.exists() else None for p, *call in jobs])
         if args.summarise
         else (lambda jobs, what: run_all(jobs, args, what))
     )

@@ -219,6 +219,7 @@ def setup(cfg: FinetuneConfig):
             folder=str(folder),
             base_model=tuner.config.base_model,
             fingerprint=tuner.config.fingerprint,
+            weights_sha256=tensors_digest(tuner),
         )
     block_scale = tuner
     if cfg.heuristic_scale:

@@ -102,3 +102,20 @@ def test_run_all_resumes_and_reports_failures(quality, tmp_path):
     bad = [(tmp_path / "bad.json", int, "not a number"), (tmp_path / "ok.json", dict, {})]
     with pytest.raises(SystemExit, match=r"1 run\(s\) failed:\nbad.json: ValueError"):
         quality.run_all(bad, args, "test")
+
+
+def test_a_finished_tuner_run_is_reused_only_with_the_same_tuner(quality, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "tuner_digest", lambda spec: {"a": "aaa", "b": "bbb"}[spec])
+    spec = quality.Spec("movie-reviews", "mezo", "tuner", 1e-5, 0, 200)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"tuner": {"weights_sha256": "aaa"}, "x": 1}))
+    job = (path, quality.run_one, spec, argparse.Namespace(tuner="a", jobs=1), {})
+    assert quality.run_all([job], job[3], "test") == [{"tuner": {"weights_sha256": "aaa"}, "x": 1}]
+    other = (path, quality.run_one, spec, argparse.Namespace(tuner="b", jobs=1), {})
+    with pytest.raises(SystemExit, match="made with another tuner.*--tuner b has bbb"):
+        quality.run_all([other], other[3], "test")
+    path.write_text(json.dumps({"tuner": {"spec": "a"}}))  # a run that recorded no digest
+    with pytest.raises(SystemExit, match="not recorded"):
+        quality.run_all([job], job[3], "test")
+    plain = quality.Spec("movie-reviews", "mezo", "none", 1e-5, 0, 200)  # no tuner: not checked
+    assert quality.run_all([(path, quality.run_one, plain, job[3], {})], job[3], "test")
