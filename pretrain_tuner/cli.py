@@ -221,9 +221,35 @@ def run(config: PretrainConfig, state: RunState | None = None) -> Path:
     return output
 
 
+def meta_loss_curve(csv_path: Path, windows: int = 10) -> str | None:
+    """The logged meta-loss as ``windows`` means over equal ranges of meta-steps
+    (``"1-50: 0.412; 51-100: 0.388; ..."``), for the model card; None without a log."""
+    import csv
+
+    if not csv_path.is_file():
+        return None
+    with csv_path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("meta_loss") and r.get("step")]
+    points = sorted((int(r["step"]) + 1, float(r["meta_loss"])) for r in rows)
+    if not points:
+        return None
+    last = points[-1][0]
+    width = max(1, -(-last // windows))
+    parts = []
+    for lo in range(1, last + 1, width):
+        hi = min(lo + width - 1, last)
+        values = [v for step, v in points if lo <= step <= hi]
+        if values:
+            parts.append(f"{lo}-{hi}: {sum(values) / len(values):.3f}")
+    return "; ".join(parts)
+
+
 def _write_tuner(trainer, module, tuner, output: Path, seconds: float) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tuner.config.metrics = dict(metrics, steps=trainer.global_step, wall_time_s=round(seconds, 1))
+    curve = meta_loss_curve(output / "logs" / "metrics.csv")
+    if curve:
+        tuner.config.metrics["meta_loss_curve"] = curve
     if trainer.world_size > 1:
         tuner.config.metrics.update(
             world_size=trainer.world_size,

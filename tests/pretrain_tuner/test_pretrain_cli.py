@@ -219,3 +219,15 @@ def test_print_config_is_a_recipe_that_reruns(task_file, tmp_path, capsys):
     assert again == parse(argv)
     assert again.tasks == [str(task_file), "tweets"] and again.steps == 7
     assert again.normalize is False and again.devices == 2
+
+
+def test_the_card_gets_the_meta_loss_curve_from_the_log(tmp_path):
+    from pretrain_tuner.cli import meta_loss_curve
+
+    log = tmp_path / "metrics.csv"
+    assert meta_loss_curve(log) is None
+    rows = ["epoch,meta_loss,sigma_mean,step"]
+    rows += [f"0,{1.0 if step < 10 else 0.5},1.0,{step}" for step in range(4, 20, 5)]  # 5..20
+    rows.append("0,,1.0,19")  # a row of other metrics only
+    log.write_text("\n".join(rows) + "\n")
+    assert meta_loss_curve(log, windows=2) == "1-10: 1.000; 11-20: 0.500"
