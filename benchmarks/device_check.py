@@ -1,10 +1,11 @@
 """z and trajectories mean the same on every device: a check to run on each new device.
 
 1. **z**: :func:`l2l.z.gaussian` (whole and offset draws, one larger than a CPU chunk),
-   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits`, :func:`l2l.z.add_z` and
-   :func:`l2l.rounding.sqrt_rn` on ``--device`` against the CPU, bit for bit. On CUDA with
-   Triton these are the kernels of :mod:`l2l.z_triton` (reported as ``kernels``), on the CPU
-   their torch-op reference.
+   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits`, :func:`l2l.z.add_z`,
+   :func:`l2l.z.add_scaled_z`, :func:`l2l.rounding.round_into` and
+   :func:`l2l.rounding.sqrt_rn` on ``--device`` against the CPU, bit for bit, and the tuner's
+   block statistics to 1e-9. On CUDA with Triton these are the kernels of :mod:`l2l.z_triton`
+   (reported as ``kernels``), on the CPU their torch-op reference.
 2. **Replay**: a few steps of every method (float32 and bfloat16, MeZO also with a tuner) on a
    tiny Llama trained on ``--device`` (with the accelerator's code paths: whole weights, gather
    embedding), its trajectory replayed on the CPU (the CPU's chunking) and on the device; the
@@ -64,11 +65,39 @@ def check_z(device: str) -> list[dict]:
         cpu, dev = zdef.add_z(x, 7, 3, 999, -1e-3), zdef.add_z(x.to(device), 7, 3, 999, -1e-3)
         what = f"add_z {str(dtype).removeprefix('torch.')} 333k"
         rows.append(dict(what=what, equal=torch.equal(bits(dev), bits(cpu))))
-    from l2l.rounding import sqrt_rn  # HiZOO's sqrt(H)
+    from l2l.rounding import round_into, sqrt_rn  # HiZOO's sqrt(H)
 
     h = torch.rand(1 << 20, generator=torch.Generator().manual_seed(1)) * 4 + 1e-3
     same = torch.equal(bits(sqrt_rn(h.to(device))), bits(sqrt_rn(h)))
     rows.append(dict(what="sqrt_rn 1M", equal=same))
+    for dtype in (torch.float32, torch.bfloat16):  # HiZOO's perturbed copy along z / sqrt(H)
+        x, hx = (
+            (torch.randn(1000, 333, generator=gen) * 0.02).to(dtype),
+            h[:333_000].view(1000, 333),
+        )
+        cpu = zdef.add_scaled_z(x, hx, sqrt_rn, 7, 3, 999, -1e-3)
+        dev = zdef.add_scaled_z(x.to(device), hx.to(device), sqrt_rn, 7, 3, 999, -1e-3)
+        what = f"add_scaled_z {str(dtype).removeprefix('torch.')} 333k"
+        rows.append(dict(what=what, equal=torch.equal(bits(dev), bits(cpu))))
+    for dest, src in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        x = torch.randn(1 << 20, generator=gen, dtype=src) * 1e-3
+        for complement in (False, True):  # stochastic rounding (and the meta-step's undo)
+            got = []
+            for where in ("cpu", device):
+                out = torch.empty(x.shape, dtype=dest, device=where)
+                round_into(out, x.to(where, copy=True), 77, start=5, complement=complement)
+                got.append(bits(out))
+            what = f"round_into {str(dest).removeprefix('torch.')} complement={complement} 1M"
+            rows.append(dict(what=what, equal=torch.equal(*got)))
+    from l2l.blocks import _device_var_mean  # the tuner's block statistics (to rounding)
+
+    flats = [(torch.randn(n, generator=gen) * 0.02 + 1e-3) for n in (3_000_001, 576, 70_000)]
+    moments = [
+        torch.stack(_device_var_mean([f.to(where) for f in flats], torch.device(where)), 1).cpu()
+        for where in ("cpu", device)
+    ]
+    rel = float(((moments[1] - moments[0]).abs() / moments[0].abs()).max())
+    rows.append(dict(what=f"block statistics (relative difference {rel:.1e})", equal=rel < 1e-9))
     return rows
 
 
