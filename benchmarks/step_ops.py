@@ -6,13 +6,12 @@ model of a real shape (no download), per method with and without a (fresh) learn
 
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
   it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
-  counted; every z draw, random-bits draw and fused draw-and-add
-  (``record_function("l2l::z")``/``"l2l::bits"``/``"l2l::add_z"``) and HiZOO's fused update
-  (``"l2l::hizoo"``) and stochastic rounding into bfloat16 or float32 (``"l2l::round"``)
-  counts as one kernel, the tuner's block statistics (``"l2l::moments"``) as
-  two: what they are on CUDA with Triton (:mod:`l2l.z_triton`; the statistics: two per dtype of
-  the weights); on other devices the torch-op reference runs (a z draw: about 60 ops per pass of
-  2^21 elements);
+  counted; a profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
+  (:mod:`l2l.z_triton`): one for a z draw, a random-bits draw, a fused draw-and-add
+  (``"l2l::z"``, ``"l2l::bits"``, ``"l2l::add_z"``), HiZOO's fused update (``"l2l::hizoo"``),
+  stochastic rounding (``"l2l::round"``) and the tuner's features and MLP (``"l2l::tuner"``),
+  two for the tuner's block statistics (``"l2l::moments"``, per dtype of the weights); on other
+  devices their torch-op reference runs (a z draw: about 60 ops per pass of 2^21 elements);
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
 * ``syncs``: host synchronisations an accelerator would make: ``_local_scalar_dense``
   (``item``, ``float``, ``bool``), ``nonzero`` (masked indexing) and every ``tolist``/``cpu``/
@@ -60,6 +59,7 @@ RANGES = {
     "l2l::hizoo": 1,
     "l2l::round": 1,
     "l2l::moments": 2,
+    "l2l::tuner": 1,
 }
 
 

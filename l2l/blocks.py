@@ -107,14 +107,24 @@ class ParamBlocks:
         return block_fingerprint(self.names, self.shapes)
 
     @torch.no_grad()
+    def device_moments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B,) float64 mean and population variance of every block on the first block's
+        device, where the blocks take the accelerator's path (an accelerator, no sharded
+        block; see :func:`_device_var_mean`); None elsewhere."""
+        home = self.params[0].device if self.params else None
+        if home is None or not accelerated(home) or any(is_sharded(p) for p in self.params):
+            return None
+        return _device_var_mean([p.detach().reshape(-1) for p in self.params], home)
+
+    @torch.no_grad()
     def statistics(self, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) float32 mean and (population) variance of every block, on the CPU, or with
         ``on_device`` left on the first block's device (no host transfer).
 
-        On an accelerator each block is reduced by two kernels, ``sum`` and ``vector_norm``
-        accumulating in float64 (whose ``E[x^2] - E[x]^2`` keeps 10+ digits at any mean), the
-        norms of all blocks in one multi-tensor launch where the blocks share a device; no
-        host synchronisation.
+        On an accelerator the blocks are reduced in float64 (whose ``E[x^2] - E[x]^2`` keeps 10+
+        digits at any mean) by :meth:`device_moments`: two kernels for all blocks with Triton
+        on CUDA, else a ``sum`` per block and one multi-tensor ``vector_norm``; no host
+        synchronisation.
 
         The tuner needs them every step. A large block is first reduced with the two fastest
         reductions there are, ``sum`` and ``vector_norm`` (vectorised, multi-threaded, in float32
@@ -124,13 +134,13 @@ class ParamBlocks:
         (``mean^2 > 1e-3 E[x^2]``, where the subtraction would cancel digits) and for small
         blocks (biases, norm weights), the exact float64 ``var_mean`` is used.
         """
+        moments = self.device_moments()
+        if moments is not None:
+            out = (moments[0].float(), moments[1].float())
+            return out if on_device else (out[0].cpu(), out[1].cpu())
         flats = [local_rows(p)[0].reshape(-1) for p in self.params]  # FSDP2: this rank's rows
         home = self.params[0].device if self.params else torch.device("cpu")
         sharded = [(b, flats[b].numel()) for b, p in enumerate(self.params) if is_sharded(p)]
-        if flats and accelerated(home) and not sharded:
-            mean, var = _device_var_mean(flats, home)
-            out = (mean.float(), var.float())
-            return out if on_device else (out[0].cpu(), out[1].cpu())
         means: list[torch.Tensor | None] = [None] * len(flats)
         variances: list[torch.Tensor | None] = [None] * len(flats)
         large = [b for b, flat in enumerate(flats) if flat.numel() > EXACT_STATS]
@@ -164,7 +174,7 @@ def _device_var_mean(flats: list[torch.Tensor], home: torch.device):
         if kernels is not None and all(f.device == home and f.is_contiguous() for f in flats):
             out = run_kernel(kernels, "block_var_mean", flats)
             if out is not None:
-                return out[:, 0], out[:, 1]
+                return out[0], out[1]  # contiguous rows
         sums = torch.stack([f.sum(dtype=torch.float64).to(home) for f in flats])
         if all(f.device == home for f in flats):
             norms = torch.stack(torch._foreach_norm(flats, 2, dtype=torch.float64))

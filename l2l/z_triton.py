@@ -510,25 +510,34 @@ def _moments_kernel(
 
 
 @triton.jit
-def _combine_kernel(partial_ptr, first_ptr, numel_ptr, row_ptr, out_ptr, CH: tl.constexpr):
+def _combine_kernel(
+    partial_ptr,
+    first_ptr,
+    numel_ptr,
+    row_ptr,
+    out_ptr,
+    total,
+    ROUNDS: tl.constexpr,
+    CH: tl.constexpr,
+):
     """Program ``b``: the sums of block ``b``'s programs ``first[b] .. first[b + 1] - 1``, in a
     fixed order, as the block's float64 mean and population variance ``E[x^2] - E[x]^2``
-    (floored at 0) in row ``row[b]`` of ``out`` (B, 2)."""
+    (floored at 0) in column ``row[b]`` of ``out`` (2, total)."""
     b = tl.program_id(0)
     t0 = tl.load(first_ptr + b)
     t1 = tl.load(first_ptr + b + 1)
     acc = tl.zeros((CH,), tl.float64)
     acc2 = tl.zeros((CH,), tl.float64)
-    for t in range(t0, t1, CH):
-        j = t + tl.arange(0, CH).to(tl.int64)
+    for k in range(ROUNDS):  # every block's programs, CH at a time (a constant per model)
+        j = t0 + k * CH + tl.arange(0, CH).to(tl.int64)
         acc += tl.load(partial_ptr + 2 * j, mask=j < t1, other=0.0)
         acc2 += tl.load(partial_ptr + 2 * j + 1, mask=j < t1, other=0.0)
     n = tl.load(numel_ptr + b).to(tl.float64)
-    mean = tl.div_rn(tl.sum(acc, axis=0), n)
-    var = tl.div_rn(tl.sum(acc2, axis=0), n) - mean * mean
+    mean = tl.sum(acc, axis=0) / n  # float64 division and sqrt are IEEE (div_rn is float32's)
+    var = tl.sum(acc2, axis=0) / n - mean * mean
     row = tl.load(row_ptr + b)
-    tl.store(out_ptr + 2 * row, mean)
-    tl.store(out_ptr + 2 * row + 1, tl.where(var < 0.0, 0.0, var))
+    tl.store(out_ptr + row, mean)
+    tl.store(out_ptr + total + row, tl.where(var < 0.0, 0.0, var))
 
 
 class _Tables:
@@ -574,11 +583,12 @@ class _Tables:
             for part in parts:
                 offsets.append((len(host), len(part)))
                 host.extend(part)
-            layout.append((dtype, first[-1], len(rows), offsets))
+            rounds = -(-max(progs, default=0) // _COMBINE)
+            layout.append((dtype, first[-1], len(rows), rounds, offsets))
         table = torch.tensor(host, dtype=torch.int64).to(device)
         return [
-            (dtype, programs, nrows, [table[o : o + n] for o, n in offsets])
-            for dtype, programs, nrows, offsets in layout
+            (dtype, programs, nrows, rounds, [table[o : o + n] for o, n in offsets])
+            for dtype, programs, nrows, rounds, offsets in layout
         ]
 
 
@@ -586,16 +596,15 @@ _TABLES = _Tables()
 
 
 def block_var_mean(flats: list[torch.Tensor]) -> torch.Tensor:
-    """(B, 2) float64 ``[mean, variance]`` of each contiguous tensor of ``flats`` (one device;
-    float32, bfloat16, float16 or float64), in two kernels per dtype: programs that sum
-    ``MOMENT_SPAN`` elements and their squares, then one fixed-order sum per block.
-    Deterministic: the same weights give the same bits."""
+    """(2, B) float64: the mean (row 0) and variance (row 1) of each contiguous tensor of
+    ``flats`` (one device; float32, bfloat16, float16 or float64), in two kernels per dtype:
+    programs that sum ``MOMENT_SPAN`` elements and their squares, then one fixed-order sum per
+    block. Deterministic: the same weights give the same bits."""
     device = flats[0].device
-    out = torch.empty(len(flats), 2, dtype=torch.float64, device=device)  # every row written
+    out = torch.empty(2, len(flats), dtype=torch.float64, device=device)  # all written
     with _on(out):
-        for dtype, programs, nrows, (addr, numel, block, start, first, rows) in _TABLES.get(
-            flats, device
-        ):
+        for dtype, programs, nrows, rounds, tables in _TABLES.get(flats, device):
+            addr, numel, block, start, first, rows = tables
             partial = torch.empty(max(programs, 1), 2, dtype=torch.float64, device=device)
             if programs:
                 _moments_kernel[(programs,)](
@@ -609,5 +618,72 @@ def block_var_mean(flats: list[torch.Tensor]) -> torch.Tensor:
                     ITERS=_MOMENT_ITERS,
                     **_OPTIONS,
                 )
-            _combine_kernel[(nrows,)](partial, first, numel, rows, out, CH=_COMBINE, **_OPTIONS)
+            args = (partial, first, numel, rows, out, len(flats))
+            _combine_kernel[(nrows,)](*args, ROUNDS=rounds, CH=_COMBINE, **_OPTIONS)
+    return out
+
+
+# ---- the tuner: features and every block's MLP in one kernel ---------------------------------
+
+
+@triton.jit
+def _asinh64(t):
+    a = tl.abs(t)
+    r = tl.log(a + tl.sqrt(a * a + 1.0))
+    return tl.where(t < 0, -r, r)
+
+
+@triton.jit
+def _tuner_kernel(
+    mean_ptr,
+    var_ptr,
+    prev_ptr,
+    lp,
+    lm,
+    scale_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    out_ptr,
+    floor,
+    H: tl.constexpr,
+    ASINH: tl.constexpr,
+):
+    """Program ``b``: block ``b``'s features ``[mean, var, L+ prev, L- prev, sigma prev]``
+    (float32, as :func:`l2l.scales.block_features` makes them), scaled as
+    :func:`l2l.scales.scale_features` does (the quotient in float32, asinh in float64), through
+    ``Linear(5, H) -> tanh -> Linear(H, 1)`` in float64 and ``sigma = max(|out|, floor)`` stored
+    as float32: :meth:`l2l.tuner.model.Tuner.forward` to float32 rounding."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, 8)
+    x = tl.where(i == 0, tl.load(mean_ptr + b).to(tl.float32), 0.0)
+    x = tl.where(i == 1, tl.load(var_ptr + b).to(tl.float32), x)
+    x = tl.where(i == 2, lp, x)
+    x = tl.where(i == 3, lm, x)
+    x = tl.where(i == 4, tl.load(prev_ptr + b), x)
+    x64 = x.to(tl.float64)
+    if ASINH:
+        s = tl.load(scale_ptr + i, mask=i < 5, other=1.0)
+        x64 = _asinh64(tl.div_rn(x, s).to(tl.float64))
+    h = tl.arange(0, H)
+    w1 = tl.load(w1_ptr + b * H * 5 + h[:, None] * 5 + i[None, :], mask=i[None, :] < 5, other=0.0)
+    pre = tl.sum(w1.to(tl.float64) * x64[None, :], axis=1) + tl.load(b1_ptr + b * H + h)
+    hidden = 1.0 - 2.0 / (tl.exp(2.0 * pre) + 1.0)  # tanh
+    out = tl.sum(tl.load(w2_ptr + b * H + h).to(tl.float64) * hidden, axis=0)
+    out = tl.abs(out + tl.load(b2_ptr + b))
+    tl.store(out_ptr + b, tl.where(out < floor, floor, out).to(tl.float32))
+
+
+def tuner_sigma(mean, var, prev, lp: float, lm: float, scales, w1, b1, w2, b2, floor: float):
+    """(B,) float32 sigma of a tuner with weights ``w1`` (B, H, 5), ``b1`` (B, H), ``w2``
+    (B, H), ``b2`` (B,) (contiguous float32, H a power of two) from the blocks' float64 ``mean``
+    and ``var``, their previous float32 sigma ``prev`` and the previous losses, in one kernel;
+    ``scales`` (5,) float32 for asinh feature scaling, None for raw features."""
+    n, hidden = w1.shape[0], w1.shape[1]
+    out = torch.empty(n, dtype=torch.float32, device=w1.device)
+    asinh = scales is not None
+    args = (mean, var, prev, lp, lm, scales if asinh else w1, w1, b1, w2, b2, out, floor)
+    with _on(out):
+        _tuner_kernel[(n,)](*args, H=hidden, ASINH=asinh, **_OPTIONS)
     return out

@@ -237,7 +237,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.block_scale is None:
             return None, None
         with torch.no_grad():
-            sigma = self.block_scale(self.features()).detach().double().reshape(-1).tolist()
+            step_sigma = getattr(self.block_scale, "step_sigma", None)  # a learned tuner's
+            out = None
+            if step_sigma is not None:
+                out = step_sigma(self.blocks, self._prev_losses, self._prev_sigma)
+            if out is None:
+                out = self.block_scale(self.features())
+            sigma = out.detach().double().reshape(-1).tolist()
         if len(sigma) != len(self.blocks) or not all(s > 0 for s in sigma):  # NaN fails too
             raise ValueError(
                 f"block_scale must return {len(self.blocks)} positive scales, got "

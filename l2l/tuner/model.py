@@ -39,6 +39,7 @@ from l2l.tuner.config import (
 )
 from l2l.tuner.hub import fetch_tuner_snapshot
 from l2l.tuner.io import atomic_directory, read_weights, write_weights
+from l2l.z import _kernels, run_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,38 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         out = (self.w2 * hidden).sum(dim=-1) + self.b2  # (B,)
         sigma = out.abs().clamp_min(self.config.sigma_floor)
         return sigma.to(device=features.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step_sigma(
+        self, blocks: ParamBlocks, prev_losses: tuple[float, float], prev_sigma: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``forward`` of this step's features with the blocks' statistics on their device: on
+        CUDA with Triton one kernel for the features and every block's MLP after the two of the
+        statistics (:func:`l2l.z_triton.tuner_sigma`, equal to ``forward`` to float32
+        rounding), elsewhere these torch ops; None where the blocks do not take the
+        accelerator's path (the caller then builds the features on the host). Profiled as
+        ``record_function("l2l::tuner")``."""
+        moments = blocks.device_moments()
+        w1 = self.w1
+        if moments is None or w1.device != moments[0].device or w1.dtype != torch.float32:
+            return None
+        mean, var = moments
+        prev = prev_sigma.detach().float().to(w1.device, non_blocking=True)
+        lp, lm = (float(v) for v in prev_losses)
+        hidden = w1.shape[1]
+        with torch.profiler.record_function("l2l::tuner"):
+            kernels = _kernels(w1.device) if hidden & (hidden - 1) == 0 else None
+            if kernels is not None:
+                weights = [t.detach().contiguous() for t in (w1, self.b1, self.w2, self.b2)]
+                asinh = self.config.feature_scaling == "asinh"
+                scales = self.feature_scales.to(w1.device) if asinh else None
+                args = (mean, var, prev, lp, lm, scales, *weights, self.config.sigma_floor)
+                sigma = run_kernel(kernels, "tuner_sigma", *args)
+                if sigma is not None:
+                    return sigma
+            n = mean.shape[0]
+            lps, lms = (torch.full((n,), v, device=w1.device) for v in (lp, lm))
+            return self(torch.stack([mean.float(), var.float(), lps, lms, prev], dim=1))
 
     def block_mlp(self, index: int) -> nn.Sequential:
         """Block ``index`` as the paper's ``nn.Sequential`` (a detached copy of its weights)."""

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 TESTS = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
-import json, sys
+import json, sys, warnings
 from fractions import Fraction
 import numpy as np
 import torch
@@ -70,6 +70,8 @@ def cast_rne(self, src, dst_type):
     return _cast(self, src, dst_type)
 
 
+# a kernel that fails falls back to the torch ops with a warning: here it fails the check
+warnings.filterwarnings("error", message="l2l's Triton kernels failed")
 interpreter.InterpreterBuilder.create_fma = exact_fma
 interpreter.InterpreterBuilder.cast_impl = cast_rne
 from helpers import lm_closure, snapshot, tiny_lm
@@ -77,11 +79,12 @@ from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
 launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0, "add_scaled_z": 0,
-            "hizoo_update": 0, "block_var_mean": 0, "round_into": 0}
+            "hizoo_update": 0, "block_var_mean": 0, "round_into": 0, "tuner_sigma": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
-        launches[_n] += 1
-        return _f(*a)
+        out = _f(*a)
+        launches[_n] += 1  # a launch that ran (a failing one raises below)
+        return out
     setattr(z_triton, name, counted)
 
 def bits(t):
@@ -155,7 +158,26 @@ zdef.KERNEL_DEVICES.add("cpu")
 got = [torch.stack(_device_var_mean(flats, torch.device("cpu")), 1) for _ in range(2)]
 moments = dict(rel=float(((got[0] - want).abs() / want.abs().clamp_min(1e-300)).max()),
                same_bits=torch.equal(got[0], got[1]))
-print(json.dumps({"mismatches": mismatches, "launches": launches, "moments": moments}))
+# the tuner's features and MLP in one kernel against Tuner.forward, to float32 rounding
+from l2l.blocks import ParamBlocks
+from l2l.tuner import Tuner
+zdef.ACCELERATOR_POLICY.add("cpu")
+model = tiny_lm("llama")
+blocks = ParamBlocks.from_module(model)
+prev_sigma = torch.rand(len(blocks), generator=gen) + 0.5
+tuner_rel = []
+for scaling in ("asinh", "raw"):
+    tuner = Tuner.for_blocks(blocks, "tiny", feature_scaling=scaling)
+    with torch.no_grad():
+        for t in tuner.parameters():
+            t.add_(torch.randn(t.shape, generator=gen) * 0.3)
+    zdef.KERNEL_DEVICES.clear()
+    want = tuner.step_sigma(blocks, (2.5, 2.25), prev_sigma)
+    zdef.KERNEL_DEVICES.add("cpu")
+    got = tuner.step_sigma(blocks, (2.5, 2.25), prev_sigma)
+    tuner_rel.append(float(((got - want).abs() / want).max()))
+print(json.dumps({"mismatches": mismatches, "launches": launches, "moments": moments,
+                  "tuner_rel": tuner_rel}))
 """
 
 
@@ -178,6 +200,8 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
     # the block statistics agree with the torch ops to rounding and are deterministic
     assert result["moments"]["rel"] < 1e-9 and result["moments"]["same_bits"], result["moments"]
+    # the tuner's one kernel gives Tuner.forward's sigmas to float32 rounding
+    assert max(result["tuner_rel"]) < 1e-5, result["tuner_rel"]
 
 
 def test_cuda_takes_the_kernels_and_a_missing_triton_falls_back(monkeypatch):
