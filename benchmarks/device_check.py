@@ -17,7 +17,8 @@
     python benchmarks/device_check.py --device cuda --json runs/device_check.json
     python benchmarks/device_check.py --device cpu    # the accelerator's paths on the CPU
 
-Exit status 1 when a required bit-for-bit match fails.
+Exit status 1 when a required bit-for-bit match fails or a kernel failed (and fell back to its
+torch ops, which would make the later rows compare the torch ops with themselves).
 """
 
 from __future__ import annotations
@@ -206,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "bit-equal" if r["bit_equal"] else f"max |diff| {r['max_abs_diff']:.3g}"
         need = "" if r["required"] or r["bit_equal"] else " (GEMM update: not required)"
         print(f"replay {r['method']:11s} {r['dtype']:9s} on {r['replayed_on']:6s} {verdict}{need}")
-    ok = all(r["equal"] for r in z_rows) and all(
-        r["bit_equal"] for r in replay_rows if r["required"]
+    # a kernel that failed fell back to its torch ops: the rows after it compared torch with
+    # torch, so the check fails (and names the kernels)
+    failed = sorted(zdef.FAILED_KERNELS)
+    if failed:
+        print(f"kernels that failed and fell back to the torch ops: {', '.join(failed)}")
+    ok = (
+        all(r["equal"] for r in z_rows)
+        and all(r["bit_equal"] for r in replay_rows if r["required"])
+        and not failed
     )
     if args.json:
         device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -216,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             machine=dict(platform=platform.platform(), torch=torch.__version__, device=device_name),
             ok=ok,
             kernels=kernels,
+            failed_kernels=failed,
             z=z_rows,
             replay=replay_rows,
         )

@@ -162,6 +162,9 @@ class ParamBlocks:
         return (mean, var) if on_device else (mean.cpu(), var.cpu())
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _device_var_mean(flats: list[torch.Tensor], home: torch.device):
     """(B,) float64 mean and population variance ``E[x^2] - E[x]^2`` of every block.
 
@@ -171,7 +174,9 @@ def _device_var_mean(flats: list[torch.Tensor], home: torch.device):
     ``record_function("l2l::moments")``."""
     with torch.profiler.record_function("l2l::moments"):
         kernels = _kernels(home)
-        if kernels is not None and all(f.device == home and f.is_contiguous() for f in flats):
+        if kernels is not None and all(
+            f.device == home and f.is_contiguous() and f.dtype in _KERNEL_DTYPES for f in flats
+        ):
             out = run_kernel(kernels, "block_var_mean", flats)
             if out is not None:
                 return out[0], out[1]  # contiguous rows

@@ -106,20 +106,29 @@ def _kernels(device: torch.device):
     return _KERNELS[0]
 
 
+#: kernels that failed in this process: their torch ops run instead
+FAILED_KERNELS: set[str] = set()
+
+
 def run_kernel(kernels, name: str, *args):
-    """``kernels.<name>(*args)``; None when it fails (Triton cannot compile for this GPU, no
-    ``ptxas``, ...), after turning the kernels off for the process with a warning: the caller
-    then runs the torch ops, which give the same bits."""
+    """``kernels.<name>(*args)``; None when that kernel fails (Triton cannot compile it for
+    this GPU, no ``ptxas``, ...) or failed before, after turning it off for the process with a
+    warning: the caller then runs its torch ops (the same bits; the tuner's statistics and MLP
+    to rounding). Running out of memory is not a kernel failure: it propagates."""
+    if name in FAILED_KERNELS:
+        return None
     try:
         return getattr(kernels, name)(*args)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure of the optional kernels
+        FAILED_KERNELS.add(name)
         warnings.warn(
-            f"l2l's Triton kernels failed ({type(err).__name__}: {err}); z is drawn with torch "
-            "ops from now on (the same values, more kernel launches)",
+            f"l2l's Triton kernel {name!r} failed ({type(err).__name__}: {err}); its torch ops "
+            "run from now on (the same results, more kernel launches)",
             RuntimeWarning,
             stacklevel=3,
         )
-        _KERNELS[:] = [None]
         return None
 
 

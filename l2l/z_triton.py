@@ -138,7 +138,16 @@ def _at_kernel(out_ptr, index_ptr, key, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _add_z_kernel(
-    out_ptr, x_ptr, h_ptr, key, start, numel, first_group, alpha, FMA: tl.constexpr, SCALED
+    out_ptr,
+    x_ptr,
+    h_ptr,
+    key,
+    start,
+    numel,
+    first_group,
+    alpha,
+    FMA: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """``out = x + alpha u`` over elements ``[start, start + numel)`` of the stream, the groups of
     :func:`_draw_kernel`, with ``u = z`` or with ``SCALED`` HiZOO's ``u = z / sqrt(h)``
@@ -154,7 +163,9 @@ def _add_z_kernel(
 
 
 @triton.jit
-def _add_store(out_ptr, x_ptr, h_ptr, pos, numel, z, alpha, FMA: tl.constexpr, SCALED):
+def _add_store(
+    out_ptr, x_ptr, h_ptr, pos, numel, z, alpha, FMA: tl.constexpr, SCALED: tl.constexpr
+):
     mask = (pos >= 0) & (pos < numel)
     x = tl.load(x_ptr + pos, mask=mask, other=0.0)
     if SCALED:

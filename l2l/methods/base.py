@@ -239,7 +239,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             step_sigma = getattr(self.block_scale, "step_sigma", None)  # a learned tuner's
             out = None
-            if step_sigma is not None:
+            if step_sigma is not None and self._owner("features") is ZOOptimizer:
                 out = step_sigma(self.blocks, self._prev_losses, self._prev_sigma)
             if out is None:
                 out = self.block_scale(self.features())

@@ -168,7 +168,10 @@ class HiZOO(ZOOptimizer):
         if coeff == 0.0 or p.dtype not in (torch.float32, torch.bfloat16):
             return False
         r0, r1 = row_chunks(p.shape, p.device)[c]
-        if not (chunk_view(p.data, r0, r1).is_contiguous() and self._hessian(b, c).is_contiguous()):
+        h = self._hessian(b, c)
+        if h.dtype != torch.float32 or not (
+            chunk_view(p.data, r0, r1).is_contiguous() and h.is_contiguous()
+        ):
             return False
         return (
             abs(estimate_coef(record.extra["delta_loss"], self.group["eps"], scale)) <= _FLOAT32_MAX

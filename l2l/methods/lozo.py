@@ -53,7 +53,7 @@ class LOZO(ZOOptimizer):
             params, lr, eps, weight_decay, rank=rank, nu=nu, momentum=momentum, **kwargs
         )
         self._step_u: dict = {}  # the current step's U per (block, chunk), see _u
-        self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def _is_matrix(self, block: int) -> bool:
         return self.blocks.params[block].ndim == 2
@@ -83,10 +83,11 @@ class LOZO(ZOOptimizer):
         r0, r1 = row_chunks(p.shape, p.device)[chunk]
         if not self._is_matrix(block):
             return param_chunk_z(seed, block, chunk, p)
-        if self._step_u.get("seed") != seed:
-            self._step_u = {"seed": seed}
+        key = (seed, self.group["rank"])
+        if self._step_u.get("key") != key:
+            self._step_u = {"key": key}
         u = self._step_u.get((block, chunk))
-        if u is None:
+        if u is None or u.device != p.device:
             rank = self.group["rank"]
             u = gaussian_chunk(seed, block, chunk, (r1 - r0, rank), p.device, start=r0 * rank)
             self._step_u[block, chunk] = u
@@ -96,8 +97,8 @@ class LOZO(ZOOptimizer):
         """V / rank of a matrix block, computed once per V (each redraw)."""
         v = self.state[self.blocks.params[block]]["v"]
         cached = self._scaled_v.get(block)
-        if cached is None or cached[0] is not v:
-            cached = self._scaled_v[block] = (v, v / self.group["rank"])
+        if cached is None or cached[0] is not v or cached[2] != self.group["rank"]:
+            cached = self._scaled_v[block] = (v, v / self.group["rank"], self.group["rank"])
         return cached[1]
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:

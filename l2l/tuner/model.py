@@ -163,6 +163,14 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         rounding), elsewhere these torch ops; None where the blocks do not take the
         accelerator's path (the caller then builds the features on the host). Profiled as
         ``record_function("l2l::tuner")``."""
+        if (
+            type(self).forward is not Tuner.forward
+            or self._forward_hooks
+            or self._forward_pre_hooks
+        ):
+            return None  # a forward of its own (or hooks): the caller runs it
+        if len(blocks) != self.num_blocks or prev_sigma.numel() != self.num_blocks:
+            return None  # forward raises its error for the caller
         moments = blocks.device_moments()
         w1 = self.w1
         if moments is None or w1.device != moments[0].device or w1.dtype != torch.float32:
