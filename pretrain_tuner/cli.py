@@ -83,13 +83,20 @@ def is_secondary_rank() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
+def _from_command_line() -> bool:
+    """Whether this process is the command (``pretrain-tuner ...`` or ``python -m
+    pretrain_tuner.cli ...``), so that ``sys.argv`` holds its arguments."""
+    path = Path(sys.argv[0])
+    return path.name == PROG or (path.name == "cli.py" and path.parent.name == "pretrain_tuner")
+
+
 def recipe(config: PretrainConfig, run_id: str, precision: str) -> dict:
     """What the tuner's config.json records about how it was meta-trained."""
     values = config.to_dict()
     out = {"tasks": config.tasks}
     out.update({f: values[f] for f in Recipe.__dataclass_fields__})
     out.update(dtype=config.dtype, precision=precision, run_id=run_id)
-    out["command"] = f"{PROG} " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(PROG) else None
+    out["command"] = f"{PROG} " + " ".join(sys.argv[1:]) if _from_command_line() else None
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,20 @@ def test_the_card_gets_the_meta_loss_curve_from_the_log(tmp_path):
     rows.append("0,,1.0,19")  # a row of other metrics only
     log.write_text("\n".join(rows) + "\n")
     assert meta_loss_curve(log, windows=2) == "1-10: 1.000; 11-20: 0.500"
+
+
+@pytest.mark.parametrize(
+    "argv0, recorded",
+    [
+        ("/venv/bin/pretrain-tuner", True),
+        ("/src/pretrain_tuner/cli.py", True),  # python -m pretrain_tuner.cli
+        ("/venv/bin/pytest", False),
+    ],
+)
+def test_the_recipe_records_the_command_when_run_from_the_command_line(
+    argv0, recorded, monkeypatch
+):
+    from pretrain_tuner.cli import _from_command_line
+
+    monkeypatch.setattr(sys, "argv", [argv0, "--steps", "5"])
+    assert _from_command_line() is recorded
