@@ -22,7 +22,18 @@ def block_features(
     """(B, 5) float32 tuner features ``[mean, var, L+ prev, L- prev, sigma prev]`` per block,
     on the CPU, or with ``on_device`` on the blocks' first device with no host transfer."""
     mean, var = blocks.statistics(on_device=on_device)
-    n, where = len(blocks), mean.device
+    return stack_features(mean, var, prev_losses, prev_sigma)
+
+
+def stack_features(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    prev_losses: tuple[float, float],
+    prev_sigma: torch.Tensor,
+) -> torch.Tensor:
+    """(B, 5) float32 features from the blocks' (B,) float32 ``mean`` and ``var``, on their
+    device."""
+    n, where = mean.shape[0], mean.device
     lp = torch.full((n,), float(prev_losses[0]), device=where)
     lm = torch.full((n,), float(prev_losses[1]), device=where)
     sigma = prev_sigma.detach().float().to(where, non_blocking=True)

@@ -151,57 +151,47 @@ class HiZOO(ZOOptimizer):
         for b, p in enumerate(self.blocks.params):
             coeff, decay = record.lr * record.grad * scales[b], self._decay(record, b)
             for c in range(len(row_chunks(p.shape, p.device))):
-                fusable = own and self._fusable(record, b, c, coeff, scales[b])
-                if fusable and self._fused_chunk(record, b, c, coeff, decay, scales[b]):
+                fused = self._fused_args(record, b, c, coeff, decay, scales[b]) if own else None
+                if fused is not None and self._run_fused(fused):
                     continue
                 # where there are kernels this chunk is one: its reference ops profiled as one
-                with torch.profiler.record_function("l2l::hizoo") if fusable else nullcontext():
+                with torch.profiler.record_function("l2l::hizoo") if fused else nullcontext():
                     if coeff or decay:
                         self._update_chunk(record, b, c, direction, coeff, decay)
                     if alpha:
                         self._refresh_chunk(record, b, c, scales[b])
 
-    def _fusable(self, record: StepRecord, b: int, c: int, coeff: float, scale: float) -> bool:
-        """Whether chunk ``c`` of block ``b`` has a fused kernel (contiguous float32 or bfloat16
-        weights, a nonzero update, a float32-finite estimate coefficient), given kernels."""
+    def _fused_args(self, record, b: int, c: int, coeff: float, decay: float, scale: float):
+        """The arguments of chunk ``c`` of block ``b``'s fused kernel (``hizoo_update``), or
+        None where it has none: contiguous float32 or bfloat16 weights, a float32 H, a nonzero
+        update and a float32-finite estimate coefficient."""
         p = self.blocks.params[b]
         if coeff == 0.0 or p.dtype not in (torch.float32, torch.bfloat16):
-            return False
+            return None
         r0, r1 = row_chunks(p.shape, p.device)[c]
-        h = self._hessian(b, c)
-        if h.dtype != torch.float32 or not (
-            chunk_view(p.data, r0, r1).is_contiguous() and h.is_contiguous()
-        ):
-            return False
-        return (
-            abs(estimate_coef(record.extra["delta_loss"], self.group["eps"], scale)) <= _FLOAT32_MAX
-        )
-
-    def _fused_chunk(self, record, b: int, c: int, coeff: float, decay: float, scale: float):
-        """The chunk's weight update and H refresh in one kernel; False (nothing written) where
-        there is none."""
-        p = self.blocks.params[b]
-        kernels = _kernels(p.device)
-        if kernels is None:
-            return False
-        r0, r1 = row_chunks(p.shape, p.device)[c]
+        w, h = chunk_view(p.data, r0, r1), self._hessian(b, c)
+        if h.dtype != torch.float32 or not (w.is_contiguous() and h.is_contiguous()):
+            return None
+        coef = estimate_coef(record.extra["delta_loss"], self.group["eps"], scale)
+        if not abs(coef) <= _FLOAT32_MAX:
+            return None
         rounding, alpha = self.group["rounding"], self.group["hessian_smooth"]
         w_mode = 1 if p.dtype == torch.float32 else (2 if rounding == "stochastic" else 3)
         h_mode = 0 if alpha == 0.0 else (2 if rounding == "stochastic" else 1)
-        args = (
-            chunk_view(p.data, r0, r1),
-            self._hessian(b, c),
+        keys = (
             z_key(record.seed, b),
             rounding_key(record.seed, b, SALT_UPDATE),
             rounding_key(record.seed, b, SALT_HESSIAN),
-            chunk_start(p.shape, c, p.device),
-            -coeff,
-            1.0 - decay,
-            estimate_coef(record.extra["delta_loss"], self.group["eps"], scale),
-            alpha,
-            w_mode,
-            h_mode,
         )
+        start = chunk_start(p.shape, c, p.device)
+        return (w, h, *keys, start, -coeff, 1.0 - decay, coef, alpha, w_mode, h_mode)
+
+    def _run_fused(self, args: tuple) -> bool:
+        """The chunk's weight update and H refresh in one kernel; False (nothing written) where
+        there are no kernels."""
+        kernels = _kernels(args[0].device)
+        if kernels is None:
+            return False
         with torch.profiler.record_function("l2l::hizoo"):
             return run_kernel(kernels, "hizoo_update", *args) is not None
 

@@ -52,7 +52,8 @@ class LOZO(ZOOptimizer):
         super().__init__(
             params, lr, eps, weight_decay, rank=rank, nu=nu, momentum=momentum, **kwargs
         )
-        self._step_u: dict = {}  # the current step's U per (block, chunk), see _u
+        self._step_u: dict[tuple[int, int], torch.Tensor] = {}  # this step's U, see _u
+        self._step_u_key: tuple[int, int] | None = None  # (seed, rank) of _step_u
         self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def _is_matrix(self, block: int) -> bool:
@@ -84,8 +85,8 @@ class LOZO(ZOOptimizer):
         if not self._is_matrix(block):
             return param_chunk_z(seed, block, chunk, p)
         key = (seed, self.group["rank"])
-        if self._step_u.get("key") != key:
-            self._step_u = {"key": key}
+        if self._step_u_key != key:
+            self._step_u_key, self._step_u = key, {}
         u = self._step_u.get((block, chunk))
         if u is None or u.device != p.device:
             rank = self.group["rank"]

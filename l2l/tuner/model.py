@@ -27,7 +27,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from l2l.blocks import ParamBlocks
-from l2l.scales import scale_features
+from l2l.scales import scale_features, stack_features
 from l2l.tuner.card import CARD_TAGS, render_model_card
 from l2l.tuner.config import (
     CARD_NAME,
@@ -189,9 +189,7 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
                 sigma = run_kernel(kernels, "tuner_sigma", *args)
                 if sigma is not None:
                     return sigma
-            n = mean.shape[0]
-            lps, lms = (torch.full((n,), v, device=w1.device) for v in (lp, lm))
-            return self(torch.stack([mean.float(), var.float(), lps, lms, prev], dim=1))
+            return self(stack_features(mean.float(), var.float(), prev_losses, prev))
 
     def block_mlp(self, index: int) -> nn.Sequential:
         """Block ``index`` as the paper's ``nn.Sequential`` (a detached copy of its weights)."""
