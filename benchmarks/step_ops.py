@@ -5,8 +5,8 @@ all three can be counted on any device. Counted here with ``torch.profiler`` on 
 model of a real shape (no download), per method with and without a (fresh) learned tuner:
 
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
-  it); view and allocation ops (``view``, ``slice``, ``empty``, ...) launch nothing and are not
-  counted; a profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
+  it); view and allocation ops (``view``, ``slice``, ``empty``, ``to``, ...) launch nothing and
+  are not counted, but what they call is (a ``to`` that converts counts its ``_to_copy``); a profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
   (:mod:`l2l.z_triton`): one for a z draw, a random-bits draw, a fused draw-and-add
   (``"l2l::z"``, ``"l2l::bits"``, ``"l2l::add_z"``), HiZOO's fused update (``"l2l::hizoo"``),
   stochastic rounding (``"l2l::round"``) and the tuner's features and MLP (``"l2l::tuner"``),
@@ -70,8 +70,10 @@ def count_events(prof) -> Counter:
     for ev in prof.events():
         name = ev.name
         parent, inside = ev.cpu_parent, False
-        while parent is not None:
-            if parent.name.startswith("aten::") or parent.name in RANGES:
+        while parent is not None:  # a no-kernel op (e.g. ``to``) hides nothing it calls
+            if parent.name in RANGES or (
+                parent.name.startswith("aten::") and parent.name not in NO_KERNEL
+            ):
                 inside = True
                 break
             parent = parent.cpu_parent

@@ -43,6 +43,42 @@ Direction = Callable[[int, int], torch.Tensor]
 # materialise z: x (W + c U V^T)^T = x W^T + c (x V) U^T costs O(tokens (m + n) r).
 Factors = Callable[[int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
+
+class LowRank(tuple):
+    """A factor pair ``(U, V)`` that converts itself to a forward's dtype once.
+
+    A half-precision factored forward multiplies ``x`` by ``V`` and accumulates ``U`` in the
+    layer's dtype; as a plain tuple each forward casts both factors again (two kernels per layer
+    and forward). A method that hands the same pair to a step's forwards (LOZO) returns one
+    ``LowRank``, so each dtype's copies are made once per step; ``v_casts`` (a dict the method
+    keeps beside V) shares V's copies with the pairs of later steps while V is unchanged. The
+    factors must not change while their copies are in use.
+    """
+
+    def __new__(cls, u: torch.Tensor, v: torch.Tensor, v_casts: dict | None = None) -> LowRank:
+        pair = super().__new__(cls, (u, v))
+        pair._u_casts, pair._v_casts = {}, {} if v_casts is None else v_casts
+        return pair
+
+    def to(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype`` (each factor itself where it already is)."""
+        return _cast(self[0], dtype, self._u_casts), _cast(self[1], dtype, self._v_casts)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, casts: dict) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    if dtype not in casts:
+        casts[dtype] = t.to(dtype)
+    return casts[dtype]
+
+
+def _in_dtype(factors: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
+    if isinstance(factors, LowRank):
+        return factors.to(dtype)
+    return tuple(t.to(dtype) for t in factors)
+
+
 # direction_at(block, index) -> float32 tensor of ``index``'s shape: the unscaled direction of
 # block b at the element positions ``index`` (int64). An ``nn.Embedding`` then perturbs only the
 # rows a batch looks up, with no host synchronisation.
@@ -71,6 +107,10 @@ class PlainZ:
 
     def __call__(self, block: int, chunk: int) -> torch.Tensor:
         return zdef.param_chunk_z(self.seed, block, chunk, self.params[block], transient=True)
+
+    def plain(self, block: int) -> bool:
+        """Whether block ``block``'s direction is z (so :meth:`add` applies to it)."""
+        return True
 
     def add(self, x: torch.Tensor, block: int, start: int, coeff: float, out=None):
         """``x + coeff * z`` for the elements of block ``block`` from ``start`` (x's shape)."""
@@ -126,7 +166,7 @@ def perturbed_block(
 
     def chunk(c: int, r0: int, r1: int) -> torch.Tensor:
         value = zdef.chunk_view(param.detach(), r0, r1)
-        if isinstance(direction, PlainZ):
+        if isinstance(direction, PlainZ) and direction.plain(block):
             start = zdef.chunk_start(param.shape, c, param.device)
             return direction.add(value, block, start, coeff)
         return perturbed_chunk(value, direction(block, c), coeff)
@@ -282,7 +322,8 @@ class _ChunkedLinear:
             else max(1, MATMUL_ELEMENTS // max(1, out[..., 0].numel()))
         )
         for c, (r0, r1) in enumerate(row_chunks(w.shape, w.device)):
-            if isinstance(self.direction, PlainZ) and step >= r1 - r0:  # one fused copy
+            plain = isinstance(self.direction, PlainZ) and self.direction.plain(wb)
+            if plain and step >= r1 - r0:  # one fused copy
                 start = zdef.chunk_start(w.shape, c, w.device)
                 wc = self.direction.add(w.detach()[r0:r1], wb, start, self.coeffs[wb])
                 out[..., r0:r1] = F.linear(x, wc, None if bias is None else bias[r0:r1])
@@ -380,6 +421,7 @@ class _LowRankLinear:
 
     def __init__(self, module, entries, coeffs, direction, used, factors):
         self.m, self.entries, self.coeffs, self.direction = module, entries, coeffs, direction
+        self.factors = factors
         self.u, self.v = factors
         used.update(entries.values())
 
@@ -395,8 +437,8 @@ class _LowRankLinear:
         ):
             return F.linear(x, lowrank_perturbed(w, self.u, self.v, coeff), bias)
         out = F.linear(x, w, bias)
-        xv = x @ self.v.to(x.dtype)  # (..., r), at the layer's precision like x W^T
-        return _add_lowrank(out, xv, self.u, coeff)
+        xv = x @ _in_dtype(self.factors, x.dtype)[1]  # (..., r), at the layer's precision
+        return _add_lowrank(out, xv, _in_dtype(self.factors, out.dtype)[0], coeff)
 
 
 class _LowRankEmbedding:
@@ -404,9 +446,10 @@ class _LowRankEmbedding:
 
     def __init__(self, module, block, coeffs, used, factors, forward):
         self.block, self.coeffs, self.forward = block, coeffs, forward
-        self.u, self.v = factors
+        self.factors = factors
         used.add(block)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.forward(ids)
-        return _add_lowrank(out, self.u[ids.to(self.u.device)], self.v, self.coeffs[self.block])
+        u, v = _in_dtype(self.factors, out.dtype)
+        return _add_lowrank(out, u[ids.to(u.device)], v, self.coeffs[self.block])

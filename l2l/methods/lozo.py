@@ -22,10 +22,28 @@ from __future__ import annotations
 import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
-from l2l.perturb import PlainZ
+from l2l.perturb import LowRank, PlainZ
 from l2l.z import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
 
 _V_STREAM = 0x56  # "V"
+
+
+class _LowRankZ(PlainZ):
+    """LOZO's direction as its perturbed forwards take it: plain z for the 1-D blocks (a
+    perturbed copy is one fused draw-and-add, as MeZO's), ``U V^T`` for the matrices (asked for
+    only where a module has no factored forward)."""
+
+    def __init__(self, seed, params, matrices) -> None:
+        super().__init__(seed, params)
+        self.matrices = matrices
+
+    def plain(self, block: int) -> bool:
+        return self.params[block].ndim != 2
+
+    def __call__(self, block: int, chunk: int) -> torch.Tensor:
+        if self.plain(block):
+            return super().__call__(block, chunk)
+        return self.matrices(block, chunk)
 
 
 class LOZO(ZOOptimizer):
@@ -55,6 +73,10 @@ class LOZO(ZOOptimizer):
         self._step_u: dict[tuple[int, int], torch.Tensor] = {}  # this step's U, see _u
         self._step_u_key: tuple[int, int] | None = None  # (seed, rank) of _step_u
         self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._v_casts: dict[int, tuple[torch.Tensor, dict]] = {}  # V's half-precision copies
+        # this step's (U's first chunk, V, the pair) per block: both forwards share the pair,
+        # so a half-precision model casts each factor once per step
+        self._step_factors: dict[int, tuple[torch.Tensor, torch.Tensor, LowRank]] = {}
 
     def _is_matrix(self, block: int) -> bool:
         return self.blocks.params[block].ndim == 2
@@ -86,7 +108,7 @@ class LOZO(ZOOptimizer):
             return param_chunk_z(seed, block, chunk, p)
         key = (seed, self.group["rank"])
         if self._step_u_key != key:
-            self._step_u_key, self._step_u = key, {}
+            self._step_u_key, self._step_u, self._step_factors = key, {}, {}
         u = self._step_u.get((block, chunk))
         if u is None or u.device != p.device:
             rank = self.group["rank"]
@@ -108,6 +130,11 @@ class LOZO(ZOOptimizer):
             return u
         return u @ self.state[self.blocks.params[block]]["v"].T  # (rows, r) @ (r, n)
 
+    def _direction_of(self, ctx: StepContext):
+        if not self._defined_by(LOZO, "_u", "_direction"):
+            return super()._direction_of(ctx)
+        return _LowRankZ(ctx.seed, self.blocks.params, lambda b, c: self._direction(ctx, b, c))
+
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U, V) of a matrix block: embeddings (and linear layers, when cheaper) run
         ``x W^T + c (x V) U^T``."""
@@ -115,8 +142,15 @@ class LOZO(ZOOptimizer):
             return None
         p = self.blocks.params[block]
         chunks = [self._u(ctx.seed, block, c) for c in range(len(row_chunks(p.shape, p.device)))]
-        u = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return u, self.state[p]["v"]
+        v = self.state[p]["v"]
+        cached = self._step_factors.get(block)  # reset with the step's U (see _u)
+        if cached is None or cached[0] is not chunks[0] or cached[1] is not v:
+            u = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            casts = self._v_casts.get(block)
+            if casts is None or casts[0] is not v:
+                casts = self._v_casts[block] = (v, {})
+            cached = self._step_factors[block] = (chunks[0], v, LowRank(u, v, casts[1]))
+        return cached[2]
 
     def _apply(self, record: StepRecord) -> None:
         self._prepare(record.step, record.seed)
@@ -149,7 +183,10 @@ class LOZO(ZOOptimizer):
         self._update(record, direction, coeffs, factors)
 
     def _accumulate_momentum(self, record: StepRecord, beta: float) -> None:
-        """N <- beta N + (1 - beta) c s_b U for every matrix block."""
+        """N <- beta N + (1 - beta) c s_b U for every matrix block: one multi-tensor scaling of
+        every N and one multi-tensor add per distinct coefficient (one without a tuner), the
+        same ops per tensor as ``n.mul_(beta).add_(u, alpha=...)``."""
+        by_alpha: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for b, p in enumerate(self.blocks.params):
             if not self._is_matrix(b):
                 continue
@@ -157,7 +194,11 @@ class LOZO(ZOOptimizer):
             scale = 1.0 if record.scales is None else record.scales[b]
             if "n" not in state:
                 state["n"] = torch.zeros(p.shape[0], self.group["rank"], device=p.device)
-            n = state["n"]  # (m, r)
+            ns, us = by_alpha.setdefault((1.0 - beta) * record.grad * scale, ([], []))
             for c, (r0, r1) in enumerate(row_chunks(p.shape, p.device)):
-                u = self._u(record.seed, b, c)
-                n[r0:r1].mul_(beta).add_(u, alpha=(1.0 - beta) * record.grad * scale)
+                ns.append(state["n"][r0:r1])  # (rows, r)
+                us.append(self._u(record.seed, b, c))
+        if by_alpha:
+            torch._foreach_mul_([n for ns, _ in by_alpha.values() for n in ns], beta)
+        for alpha, (ns, us) in by_alpha.items():
+            torch._foreach_add_(ns, us, alpha=alpha)

@@ -216,6 +216,34 @@ def test_update_follows_the_measured_direction(name):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lozo_casts_its_factors_once_per_step(arch, monkeypatch):
+    """A bfloat16 LOZO step hands both forwards one :class:`l2l.perturb.LowRank` pair per
+    matrix, so each factor is cast to bfloat16 once per step instead of once per forward (two
+    kernels per layer and forward), and the step computes the same bits as with plain tuples."""
+    monkeypatch.setattr(perturb, "factored_is_cheaper", lambda *shape: True)
+
+    def run(as_tuples: bool):
+        model = tiny_lm(arch, dtype=torch.bfloat16)
+        opt = LOZO(model, lr=5e-3, eps=1e-3, rank=2, nu=3, record=True)
+        if as_tuples:
+            factors = opt._factors
+            monkeypatch.setattr(
+                opt, "_factors", lambda ctx, b: factors(ctx, b) and (*factors(ctx, b),)
+            )
+        closure = lm_closure(model)
+        opt.step(closure)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+        casts = sum(e.name == "aten::_to_copy" for e in prof.events())
+        return [r.grad for r in opt.records], snapshot(model), casts
+
+    (g_pair, w_pair, casts_pair), (g_tuple, w_tuple, casts_tuple) = run(False), run(True)
+    assert g_pair == g_tuple and same_bits(w_pair, w_tuple)
+    matrices = sum(p.ndim == 2 for p in tiny_lm(arch).parameters())
+    assert casts_tuple - casts_pair >= 2 * matrices  # two factors, the second forward's casts
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("factored", [True, False])
 def test_lozo_factored_forward_matches_materialised(arch, momentum, factored, monkeypatch):
