@@ -6,7 +6,8 @@ model of a real shape (no download), per method with and without a (fresh) learn
 
 * ``ops``: aten ops that launch work, outermost only (an op called inside another op is part of
   it); view and allocation ops (``view``, ``slice``, ``empty``, ``to``, ...) launch nothing and
-  are not counted, but what they call is (a ``to`` that converts counts its ``_to_copy``); a profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
+  are not counted, but what they call is (a ``to`` that converts counts its ``_to_copy``); a
+  profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
   (:mod:`l2l.z_triton`): one for a z draw, a random-bits draw, a fused draw-and-add
   (``"l2l::z"``, ``"l2l::bits"``, ``"l2l::add_z"``), HiZOO's fused update (``"l2l::hizoo"``),
   stochastic rounding (``"l2l::round"``) and the tuner's features and MLP (``"l2l::tuner"``),

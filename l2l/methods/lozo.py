@@ -33,12 +33,12 @@ class _LowRankZ(PlainZ):
     perturbed copy is one fused draw-and-add, as MeZO's), ``U V^T`` for the matrices (asked for
     only where a module has no factored forward)."""
 
-    def __init__(self, seed, params, matrices) -> None:
+    def __init__(self, seed, params, matrices, is_matrix) -> None:
         super().__init__(seed, params)
-        self.matrices = matrices
+        self.matrices, self.is_matrix = matrices, is_matrix
 
     def plain(self, block: int) -> bool:
-        return self.params[block].ndim != 2
+        return not self.is_matrix(block)
 
     def __call__(self, block: int, chunk: int) -> torch.Tensor:
         if self.plain(block):
@@ -72,8 +72,9 @@ class LOZO(ZOOptimizer):
         )
         self._step_u: dict[tuple[int, int], torch.Tensor] = {}  # this step's U, see _u
         self._step_u_key: tuple[int, int] | None = None  # (seed, rank) of _step_u
-        self._scaled_v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._v_casts: dict[int, tuple[torch.Tensor, dict]] = {}  # V's half-precision copies
+        # per block, what is derived from its current V: (V, V / rank, rank, V's copies in the
+        # dtypes of half-precision forwards), see _v_derived
+        self._v_cache: dict[int, tuple[torch.Tensor, torch.Tensor, int, dict]] = {}
         # this step's (U's first chunk, V, the pair) per block: both forwards share the pair,
         # so a half-precision model casts each factor once per step
         self._step_factors: dict[int, tuple[torch.Tensor, torch.Tensor, LowRank]] = {}
@@ -116,13 +117,18 @@ class LOZO(ZOOptimizer):
             self._step_u[block, chunk] = u
         return u
 
+    def _v_derived(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+        """(V, V / rank, rank, {dtype: V in dtype}) of a matrix block, made once per V (each
+        redraw); the copies are filled by the forwards' :class:`LowRank` pairs."""
+        v, rank = self.state[self.blocks.params[block]]["v"], self.group["rank"]
+        cached = self._v_cache.get(block)
+        if cached is None or cached[0] is not v or cached[2] != rank:
+            cached = self._v_cache[block] = (v, v / rank, rank, {})
+        return cached
+
     def _v_over_rank(self, block: int) -> torch.Tensor:
         """V / rank of a matrix block, computed once per V (each redraw)."""
-        v = self.state[self.blocks.params[block]]["v"]
-        cached = self._scaled_v.get(block)
-        if cached is None or cached[0] is not v or cached[2] != self.group["rank"]:
-            cached = self._scaled_v[block] = (v, v / self.group["rank"], self.group["rank"])
-        return cached[1]
+        return self._v_derived(block)[1]
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         u = self._u(ctx.seed, block, chunk)
@@ -133,7 +139,8 @@ class LOZO(ZOOptimizer):
     def _direction_of(self, ctx: StepContext):
         if not self._defined_by(LOZO, "_u", "_direction"):
             return super()._direction_of(ctx)
-        return _LowRankZ(ctx.seed, self.blocks.params, lambda b, c: self._direction(ctx, b, c))
+        matrices = lambda b, c: self._direction(ctx, b, c)  # noqa: E731
+        return _LowRankZ(ctx.seed, self.blocks.params, matrices, self._is_matrix)
 
     def _factors(self, ctx: StepContext, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U, V) of a matrix block: embeddings (and linear layers, when cheaper) run
@@ -146,10 +153,8 @@ class LOZO(ZOOptimizer):
         cached = self._step_factors.get(block)  # reset with the step's U (see _u)
         if cached is None or cached[0] is not chunks[0] or cached[1] is not v:
             u = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-            casts = self._v_casts.get(block)
-            if casts is None or casts[0] is not v:
-                casts = self._v_casts[block] = (v, {})
-            cached = self._step_factors[block] = (chunks[0], v, LowRank(u, v, casts[1]))
+            v_casts = self._v_derived(block)[3]
+            cached = self._step_factors[block] = (chunks[0], v, LowRank(u, v, v_casts))
         return cached[2]
 
     def _apply(self, record: StepRecord) -> None:
