@@ -9,8 +9,9 @@ model of a real shape (no download), per method with and without a (fresh) learn
   are not counted, but what they call is (a ``to`` that converts counts its ``_to_copy``); a
   profiled range of :data:`RANGES` counts as the kernels it is on CUDA with Triton
   (:mod:`l2l.z_triton`): one for a z draw, a random-bits draw, a fused draw-and-add
-  (``"l2l::z"``, ``"l2l::bits"``, ``"l2l::add_z"``), HiZOO's fused update (``"l2l::hizoo"``),
-  stochastic rounding (``"l2l::round"``) and the tuner's features and MLP (``"l2l::tuner"``),
+  (``"l2l::z"``, ``"l2l::bits"``, ``"l2l::add_z"``; several blocks' z drawn together, LOZO's
+  U, is one ``"l2l::z"``), HiZOO's fused update (``"l2l::hizoo"``), LOZO's fused bfloat16 update
+  (``"l2l::lowrank"``), stochastic rounding (``"l2l::round"``) and the tuner's features and MLP (``"l2l::tuner"``),
   two for the tuner's block statistics (``"l2l::moments"``, per dtype of the weights); on other
   devices their torch-op reference runs (a z draw: about 60 ops per pass of 2^21 elements);
 * ``ratio``: ops of a step / (k x ops of one plain forward), k the method's forwards per step;
@@ -58,6 +59,7 @@ RANGES = {
     "l2l::bits": 1,
     "l2l::add_z": 1,
     "l2l::hizoo": 1,
+    "l2l::lowrank": 1,
     "l2l::round": 1,
     "l2l::moments": 2,
     "l2l::tuner": 1,

@@ -396,22 +396,34 @@ def _add_lowrank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, coe
     return out
 
 
-def factored_is_cheaper(tokens: int, rows: int, cols: int) -> bool:
+#: On an accelerator a kernel launch costs about the time of moving this many bytes (~4 us at an
+#: H200's ~4.8 TB/s): :func:`factored_is_cheaper` charges it per launch. The CPU launches nothing.
+LAUNCH_BYTES = 16 << 20
+
+
+def factored_is_cheaper(
+    tokens: int, rows: int, cols: int, element_size: int = 4, launch_bytes: int = 0
+) -> bool:
     """Whether ``x W^T + c (x V) U^T`` beats ``x (W + c U V^T)^T`` for a (rows, cols) weight.
 
     Both share the product with a (rows, cols) matrix. The factored form adds two rank-r products
     that read all of ``x`` and an add over (tokens, rows); the materialised one adds a
-    (rows, cols) copy of W. With r small both are memory bound, so the factored form is cheaper
-    only when ``tokens (rows + cols) < rows cols``: wide layers and few tokens.
+    (rows, cols) copy of W. With r small both are memory bound, so on memory alone the factored
+    form is cheaper only when ``tokens (rows + cols) < rows cols``: wide layers and few tokens.
+    The factored form is also one launch more (three kernels against two), which on a GPU
+    outweighs the copy of a small weight: ``launch_bytes`` (:data:`LAUNCH_BYTES` there) is what
+    a launch costs in bytes moved.
     """
-    return tokens * (rows + cols) < rows * cols
+    return tokens * (rows + cols) * element_size + launch_bytes < rows * cols * element_size
 
 
-def lowrank_perturbed(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, coeff: float):
-    """``w + coeff U V^T`` (the low-rank term in float32), in ``w``'s dtype: a new tensor."""
-    if w.dtype in (torch.float32, torch.float64):
-        return torch.addmm(w, u.to(w.dtype), v.T.to(w.dtype), alpha=coeff)
-    return torch.addmm(w.float(), u, v.T, alpha=coeff).to(w.dtype)
+def lowrank_perturbed(w: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor], coeff: float):
+    """``w + coeff U V^T`` in ``w``'s dtype, a new tensor, in one ``addmm``: float32 factors for a
+    float32 ``w``; for a half-precision one the factors in its dtype (cast once per step for a
+    :class:`LowRank` pair) with the product accumulated in float32 and rounded once, the
+    precision at which the factored form computes the same term."""
+    u, v = _in_dtype(factors, w.dtype)
+    return torch.addmm(w, u, v.T, alpha=coeff)
 
 
 class _LowRankLinear:
@@ -432,10 +444,11 @@ class _LowRankLinear:
         bias = None if bias is None else bias.detach()
         x = x.to(self.v.device)
         w, coeff = self.m.weight.detach(), self.coeffs[self.entries["weight"]]
+        launch = LAUNCH_BYTES if zdef.accelerated(w.device) else 0
         if w.numel() <= zdef.chunk_elements(w.device) and not factored_is_cheaper(
-            x[..., 0].numel(), *w.shape
+            x[..., 0].numel(), *w.shape, w.element_size(), launch
         ):
-            return F.linear(x, lowrank_perturbed(w, self.u, self.v, coeff), bias)
+            return F.linear(x, lowrank_perturbed(w, self.factors, coeff), bias)
         out = F.linear(x, w, bias)
         xv = x @ _in_dtype(self.factors, x.dtype)[1]  # (..., r), at the layer's precision
         return _add_lowrank(out, xv, _in_dtype(self.factors, out.dtype)[0], coeff)

@@ -229,3 +229,44 @@ def round_into(
             if zdef.run_kernel(kernels, "round_into", *args) is not None:
                 return
         _round_bits(dest, x, position_bits(key, start, x.numel(), x.device), complement)
+
+
+def lowrank_update_(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    alpha: float,
+    factor: float,
+    key: int,
+    *,
+    start: int = 0,
+    rounding: str = "stochastic",
+) -> None:
+    """A bfloat16 chunk ``w`` (rows, cols) along a low-rank direction, in place:
+    ``w <- round(factor w + alpha a b^T)`` (``a``: (rows, r), ``b``: (cols, r), float32), computed
+    in float32 and rounded as :func:`round_into` does with ``key`` and ``start``.
+
+    ``a b^T`` is summed left to right over the rank with every product and sum rounded, and
+    ``alpha`` is applied in the same FMA as torch's ``add(x, t, alpha=alpha)``: elementwise ops
+    only, so every device computes the same bits (a GEMM's rounding depends on its library).
+    Where the kernels run it is one kernel that never writes ``a b^T``; elsewhere these torch
+    ops, its reference, profiled as that kernel (``l2l::lowrank``).
+    """
+    check_rounding(rounding)
+    a, b = a.float().contiguous(), b.float().contiguous()
+    with torch.profiler.record_function("l2l::lowrank"):
+        kernels = zdef._kernels(w.device)
+        if kernels is not None and w.dtype == torch.bfloat16 and w.is_contiguous():
+            args = (w, a, b, key, start, alpha, factor, rounding == "stochastic")
+            if zdef.run_kernel(kernels, "lowrank_update", *args) is not None:
+                return
+        t = torch.mul(a[:, :1], b[:, 0])
+        if a.shape[1] > 1:
+            term = torch.empty_like(t)
+            for k in range(1, a.shape[1]):
+                t.add_(torch.mul(a[:, k : k + 1], b[:, k], out=term))
+        new = upcast(w, torch.float32)
+        if factor != 1.0:
+            new.mul_(factor)
+        new.add_(t, alpha=alpha)
+        round_into(w, new, key, start=start, rounding=rounding)

@@ -50,6 +50,7 @@ from l2l.z_spec import (
     MIX1,
     MIX2,
     PHI_SCALE,
+    SEED_SHIFTS,
     SIN_POLY,
     SQRT_GUESS,
     SQRT_HALF_BITS,
@@ -146,11 +147,11 @@ def _signed64(v: int) -> int:
 
 def mix_seed(*values: int) -> int:
     """Mix integers into one 63-bit seed (splitmix64 finaliser over the sequence)."""
-    h = 0x9E3779B97F4A7C15
+    h = GAMMA
     for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
+        h = (h ^ (int(v) & _MASK64)) * MIX1 & _MASK64
+        h = (h ^ (h >> SEED_SHIFTS[0])) * MIX2 & _MASK64
+        h ^= h >> SEED_SHIFTS[1]
     return h >> 1
 
 
@@ -411,6 +412,35 @@ def gaussian(
             _RECENT.put((device, key, start, numel), recent)
         out = recent.clone() if scratch is None else scratch[:numel].copy_(recent)
         return out.view(shape)
+
+
+def gaussian_many(
+    step_seed: int,
+    requests: list[tuple[int, int, tuple[int, ...]]],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Several blocks' z in one draw: for each ``(block, start, shape)`` of ``requests``, elements
+    ``start, start + 1, ...`` of block ``block``'s z at ``step_seed`` as float32 of ``shape``, the
+    bits of :func:`gaussian`. The results are views of one new buffer. Where the kernels run it is
+    one kernel for all of them (e.g. LOZO's U of every matrix, a few thousand numbers each, that
+    are otherwise a launch each); elsewhere one draw per request. Profiled as one ``l2l::z``."""
+    device = torch.device(device)
+    sizes = [torch.Size(shape).numel() for _, _, shape in requests]
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    with torch.profiler.record_function("l2l::z"):
+        kernels = _kernels(device)
+        segments = [(block, start, n) for (block, start, _), n in zip(requests, sizes, strict=True)]
+        done = None
+        if kernels is not None and flat.numel() and 0 <= step_seed < 1 << 63:
+            done = run_kernel(kernels, "draw_many", step_seed, segments, flat)
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        if done is None:
+            for (block, start, n), o in zip(segments, offsets, strict=False):
+                if n:
+                    flat[o : o + n].copy_(_draw(z_key(step_seed, block), start, n, device, None))
+    return [flat[o : o + n].view(r[2]) for r, o, n in zip(requests, offsets, sizes, strict=False)]
 
 
 def add_z(

@@ -4,6 +4,10 @@ nothing."""
 
 # SplitMix64's increment and mix64's multipliers (Steele, Lea & Flood 2014).
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+#: ``mix_seed``'s fold (``l2l.z.mix_seed``, a z key is ``mix_seed(step_seed, block)``): from
+#: ``h = GAMMA``, per value ``h = (h ^ v) MIX1``, ``h = (h ^ h >> SEED_SHIFTS[0]) MIX2``,
+#: ``h ^= h >> SEED_SHIFTS[1]``; the seed is ``h >> 1``.
+SEED_SHIFTS = (31, 29)
 
 # Float32-exact constants of the float part (see l2l.z_reference for the maths, tests/l2l/test_z.py
 # for their accuracy). Polynomials are lowest order first, minimax fits of the relative error.

@@ -52,6 +52,7 @@ _L0, _L1, _L2, _L3 = (tl.constexpr(c) for c in zdef.LOG_POLY)
 _S0, _S1, _S2, _S3 = (tl.constexpr(c) for c in zdef.SIN_POLY)
 _C0, _C1, _C2, _C3 = (tl.constexpr(c) for c in zdef.COS_POLY)
 _G = tl.constexpr(zdef.GROUP)
+_SEED_SHIFT0, _SEED_SHIFT1 = (tl.constexpr(v) for v in zdef.SEED_SHIFTS)
 _SIGN64 = tl.constexpr(-(1 << 63))
 _INF64_BITS = tl.constexpr(0x7FF0_0000_0000_0000)
 _QNAN64_BITS = tl.constexpr(0x7FF8_0000_0000_0000)
@@ -114,15 +115,52 @@ def _box_muller(h):
 
 @triton.jit
 def _draw_kernel(out_ptr, key, start, numel, first_group):
-    """Program ``j``: group ``first_group + j``, i.e. elements ``2 G g + q`` and ``2 G g + G + q``
-    of the stream, stored at ``out_ptr[element - start]`` when inside ``[start, start + numel)``."""
-    g = first_group + tl.program_id(0).to(tl.int64)
+    """Program ``j``: group ``first_group + j`` of the stream (see :func:`_draw_group`)."""
     q = tl.arange(0, _G).to(tl.int64)
+    _draw_group(out_ptr, key, first_group + tl.program_id(0).to(tl.int64), q, start, numel)
+
+
+@triton.jit
+def _draw_group(out_ptr, key, g, q, start, numel):
+    """Group ``g``, i.e. elements ``2 G g + q`` and ``2 G g + G + q`` of stream ``key`` (``q``:
+    ``0 .. G - 1``), stored at ``out_ptr[element - start]`` when inside ``[start, start + numel)``."""
     out0, out1 = _box_muller(_pair_bits(key, g * _G + q))
     first = 2 * _G * g + q - start
     tl.store(out_ptr + first, out0, mask=(first >= 0) & (first < numel))
     second = first + _G
     tl.store(out_ptr + second, out1, mask=(second >= 0) & (second < numel))
+
+
+@triton.jit
+def _seed_key(seed, block, like):
+    """``l2l.z.z_key(seed, block)`` (``mix_seed`` of the two) as an int64 tensor of ``like``'s
+    shape: the fold of :data:`l2l.z_spec.SEED_SHIFTS` in uint64."""
+    zero = tl.zeros_like(like).to(tl.uint64, bitcast=True)
+    h = zero + _GAMMA
+    h = (h ^ (zero + seed.to(tl.uint64, bitcast=True))) * _MIX1
+    h = (h ^ (h >> _SEED_SHIFT0)) * _MIX2
+    h = h ^ (h >> _SEED_SHIFT1)
+    h = (h ^ (zero + block.to(tl.uint64, bitcast=True))) * _MIX1
+    h = (h ^ (h >> _SEED_SHIFT0)) * _MIX2
+    h = h ^ (h >> _SEED_SHIFT1)
+    return (h >> 1).to(tl.int64, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _draw_many_kernel(out_ptr, seed, table_ptr, segments):
+    """Program ``j`` of :func:`draw_many`: one group of one segment. ``table`` (int64) holds per
+    segment its block, start, element count and offset in ``out`` (four rows of ``segments``),
+    then per program its segment and group."""
+    j = tl.program_id(0).to(tl.int64)
+    programs = table_ptr + 4 * segments
+    seg = tl.load(programs + 2 * j)
+    g = tl.load(programs + 2 * j + 1)
+    block = tl.load(table_ptr + seg)
+    start = tl.load(table_ptr + segments + seg)
+    numel = tl.load(table_ptr + 2 * segments + seg)
+    offset = tl.load(table_ptr + 3 * segments + seg)
+    q = tl.arange(0, _G).to(tl.int64)
+    _draw_group(out_ptr + offset, _seed_key(seed.to(tl.int64), block, q), g, q, start, numel)
 
 
 @triton.jit
@@ -237,7 +275,50 @@ def _round_f32(x, rkey, element, flip=0):
 @triton.jit
 def _update_store(w_ptr, rkey, element, start, numel, z, alpha, factor, SR: tl.constexpr):
     pos = element - start
-    mask = (pos >= 0) & (pos < numel)
+    _update_at(w_ptr, rkey, element, pos, (pos >= 0) & (pos < numel), z, alpha, factor, SR)
+
+
+@triton.jit
+def _lowrank_kernel(
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    rkey,
+    start,
+    rows,
+    cols,
+    alpha,
+    factor,
+    RANK: tl.constexpr,
+    SR: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """bfloat16 ``w <- round(fma(t, alpha, float(w) factor))`` in place for a (rows, cols) tile
+    of a chunk whose first element is element ``start`` of its block, with ``t = a b^T`` (``a``
+    (rows, RANK), ``b`` (cols, RANK), contiguous float32) summed left to right over the rank,
+    every product and sum rounded: :func:`l2l.rounding.lowrank_update_`'s ops; rounding as
+    :func:`_update_kernel`. The direction is never written to memory."""
+    i = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    mi, mj = i < rows, j < cols
+    t = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.static_range(RANK):
+        ak = tl.load(a_ptr + i * RANK + k, mask=mi, other=0.0)
+        bk = tl.load(b_ptr + j * RANK + k, mask=mj, other=0.0)
+        if k == 0:
+            t = ak[:, None] * bk[None, :]
+        else:
+            t = t + ak[:, None] * bk[None, :]
+    pos = i[:, None] * cols + j[None, :]
+    mask = mi[:, None] & mj[None, :]
+    _update_at(w_ptr, rkey, start + pos, pos, mask, t, alpha, factor, SR)
+
+
+@triton.jit
+def _update_at(w_ptr, rkey, element, pos, mask, z, alpha, factor, SR: tl.constexpr):
+    """``w[pos] <- round(fma(z, alpha, float(w[pos]) factor))`` where ``mask``, the rounding bits
+    those of ``element`` (the position in the block)."""
     x = tl.load(w_ptr + pos, mask=mask, other=0.0).to(tl.float32) * factor
     x = tl.fma(z, alpha, x)
     if SR:
@@ -384,6 +465,50 @@ def draw(key: int, start: int, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _Layouts:
+    """Launch tables of :func:`draw_many` per (device, segments), uploaded once (one
+    host-to-device copy) and reused: a method draws the same layout every step."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._cache: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self.size = size
+
+    def get(self, segments: tuple, device: torch.device) -> tuple[torch.Tensor, int]:
+        key = (device, segments)
+        hit = self._cache.get(key)
+        if hit is None:
+            columns: list[list[int]] = [[], [], [], []]
+            programs: list[int] = []
+            offset = 0
+            for s, (block, start, numel) in enumerate(segments):
+                for column, value in zip(columns, (block, start, numel, offset), strict=True):
+                    column.append(value)
+                g0, groups = zdef.group_range(start, numel)
+                programs.extend(v for g in range(g0, g0 + groups) for v in (s, g))
+                offset += numel
+            host = [v for column in columns for v in column] + programs
+            hit = (torch.tensor(host, dtype=torch.int64).to(device), len(programs) // 2)
+            if len(self._cache) >= self.size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+        return hit
+
+
+_LAYOUTS = _Layouts()
+
+
+def draw_many(seed: int, segments: list[tuple[int, int, int]], out: torch.Tensor) -> torch.Tensor:
+    """For each ``(block, start, numel)`` of ``segments``, elements ``start .. start + numel - 1``
+    of block ``block``'s z at step seed ``seed`` (``0 <= seed < 2^63``), one after another in
+    ``out`` (contiguous float32 of their total size), in one kernel: the keys are derived in the
+    kernel, so a new seed uploads nothing."""
+    table, programs = _LAYOUTS.get(tuple(segments), out.device)
+    if programs:
+        with _on(out):
+            _draw_many_kernel[(programs,)](out, seed, table, len(segments), **_OPTIONS)
+    return out
+
+
 def add_z(x: torch.Tensor, key: int, start: int, alpha: float, out: torch.Tensor) -> torch.Tensor:
     """``out = x + alpha z`` for elements ``start .. start + x.numel() - 1`` of stream ``key``
     (contiguous ``x`` and ``out`` of one dtype: float32, bfloat16 or float16; ``out`` may be
@@ -448,6 +573,33 @@ def update_bf16(
         args = (w, zkey, rkey, start, numel, g0, alpha, factor)
         with _on(w):
             _update_kernel[(groups,)](*args, SR=sr, **_OPTIONS)
+    return w
+
+
+_LOWRANK_TILE = (32, 128)  # rows x columns of w per program of _lowrank_kernel
+
+
+def lowrank_update(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rkey: int,
+    start: int,
+    alpha: float,
+    factor: float,
+    sr: bool,
+) -> torch.Tensor:
+    """In-place update of a contiguous bfloat16 (rows, cols) chunk ``w`` whose first element is
+    element ``start`` of its block along ``a b^T`` (contiguous float32 (rows, r) and (cols, r)):
+    ``w <- round(fma(a b^T, alpha, float(w) factor))`` (see :func:`_lowrank_kernel`), in one
+    kernel."""
+    rows, cols = w.shape
+    if w.numel():
+        bm, bn = _LOWRANK_TILE
+        grid = (triton.cdiv(rows, bm), triton.cdiv(cols, bn))
+        args = (w, a, b, rkey, start, rows, cols, alpha, factor)
+        with _on(w):
+            _lowrank_kernel[grid](*args, RANK=a.shape[1], SR=sr, BM=bm, BN=bn, **_OPTIONS)
     return w
 
 

@@ -26,7 +26,14 @@ from torch import nn
 
 from l2l.blocks import ParamBlocks, is_no_decay
 from l2l.perturb import Perturber, PlainZ
-from l2l.rounding import SALT_UPDATE, check_rounding, round_into, rounding_key, upcast
+from l2l.rounding import (
+    SALT_UPDATE,
+    check_rounding,
+    lowrank_update_,
+    round_into,
+    rounding_key,
+    upcast,
+)
 from l2l.scales import block_features
 from l2l.z import accelerated, chunk_start, chunk_view, mix_seed, row_chunks
 
@@ -422,6 +429,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         plain = coeff and lowrank is None and type(direction) is PlainZ
         if plain and direction.update_(view, b, start, coeff, decay, key, rounding):
             return  # one fused kernel
+        if lowrank is not None and view.dtype == torch.bfloat16 and accelerated(p.device):
+            # one fused kernel where there are kernels (its reference ops elsewhere): a GPU's
+            # bfloat16 update is not an upcast copy, a GEMM and a rounding pass
+            a, bt = lowrank
+            lowrank_update_(view, a, bt, -coeff, 1.0 - decay, key, start=start, rounding=rounding)
+            return
         # a half-precision chunk of plain z is one fused kernel where there are kernels: its
         # reference ops below are profiled as that one kernel
         fused = plain and view.dtype == torch.bfloat16

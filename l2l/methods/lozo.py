@@ -23,7 +23,7 @@ import torch
 
 from l2l.methods.base import StepContext, StepRecord, ZOOptimizer
 from l2l.perturb import LowRank, PlainZ
-from l2l.z import gaussian_chunk, mix_seed, param_chunk_z, row_chunks
+from l2l.z import gaussian_chunk, gaussian_many, mix_seed, param_chunk_z, row_chunks
 
 _V_STREAM = 0x56  # "V"
 
@@ -109,13 +109,29 @@ class LOZO(ZOOptimizer):
             return param_chunk_z(seed, block, chunk, p)
         key = (seed, self.group["rank"])
         if self._step_u_key != key:
-            self._step_u_key, self._step_u, self._step_factors = key, {}, {}
+            self._step_u_key, self._step_u, self._step_factors = key, self._draw_u(seed), {}
         u = self._step_u.get((block, chunk))
         if u is None or u.device != p.device:
             rank = self.group["rank"]
             u = gaussian_chunk(seed, block, chunk, (r1 - r0, rank), p.device, start=r0 * rank)
             self._step_u[block, chunk] = u
         return u
+
+    def _draw_u(self, seed: int) -> dict[tuple[int, int], torch.Tensor]:
+        """Every matrix chunk's U of step seed ``seed``, one draw per device (one kernel on a
+        GPU instead of one per matrix); the same bits as drawing each chunk alone."""
+        rank = self.group["rank"]
+        by_device: dict[torch.device, list] = {}
+        for b, p in enumerate(self.blocks.params):
+            if self._is_matrix(b):
+                for c, (r0, r1) in enumerate(row_chunks(p.shape, p.device)):
+                    request = (b, r0 * rank, (r1 - r0, rank))
+                    by_device.setdefault(p.device, []).append(((b, c), request))
+        drawn = {}
+        for device, items in by_device.items():
+            us = gaussian_many(seed, [request for _, request in items], device)
+            drawn.update(zip((chunk for chunk, _ in items), us, strict=True))
+        return drawn
 
     def _v_derived(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
         """(V, V / rank, rank, {dtype: V in dtype}) of a matrix block, made once per V (each

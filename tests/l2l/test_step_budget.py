@@ -234,3 +234,71 @@ def test_a_subclass_with_its_own_z_is_not_taken_for_plain_z():
         results.append((float(loss), snapshot(model)))
     assert results[0][0] == results[1][0] and same_bits(results[0][1], results[1][1])
     assert not same_bits(results[0][1], results[2][1])  # and it is not plain MeZO at (lr, eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_method_steps_within_the_op_budget(dtype, step_ops, accelerator_policy):
+    """On the device path a step launches at most 1.5 x the ops of its k plain forwards (the
+    benchmark's budget, counted as ``benchmarks/step_ops.py`` counts them), in float32 and
+    bfloat16. LOZO: the U of all matrices is one draw; its linear layers take a perturbed copy
+    (two launches) rather than the factored form (three) although a few tokens would make
+    factoring cheaper in memory; a bfloat16 update is one fused kernel per matrix."""
+    model = tiny_lm("llama", dtype=dtype)
+    model.model.layers = model.model.layers[:1]
+    closure = lm_closure(model, batch=1, length=8)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())  # the tied head included
+    matrices = sum(p.ndim == 2 for p in model.parameters())
+    with torch.no_grad():
+        closure()
+        forward = step_ops.split(step_ops.profile(closure))[0]
+        for name, (cls, kw) in METHODS.items():
+            opt = cls(model, lr=1e-7, eps=1e-3, record=True, **kw)
+            opt.step(closure)  # lazy state outside the count
+            counts = step_ops.profile(lambda: opt.step(closure))  # noqa: B023
+            ops, syncs = step_ops.split(counts)
+            k = opt.forwards_per_step
+            assert ops <= step_ops.RATIO_BUDGET * k * forward and syncs <= 1, (name, ops, forward)
+            if name.startswith("lozo"):
+                assert counts["l2l::z"] == 1, counts  # U; the 1-D blocks draw-and-add fused
+                assert counts["aten::addmm"] == k * linears, counts  # the perturbed copies
+                fused = matrices if dtype == torch.bfloat16 else 0
+                assert counts["l2l::lowrank"] == fused, counts
+
+
+def test_a_gpu_copies_small_weights_and_factors_wide_ones():
+    """The factored-or-copy choice of a LOZO linear layer: on memory alone (the CPU) a few tokens
+    through a square 576-wide layer go factored; counting a launch (a GPU) they take the copy,
+    and a wide layer or an LM head stays factored; many tokens take the copy everywhere."""
+    launch = perturb.LAUNCH_BYTES
+    assert perturb.factored_is_cheaper(32, 576, 576)
+    assert not perturb.factored_is_cheaper(32, 576, 576, 4, launch)
+    assert perturb.factored_is_cheaper(32, 8192, 2048, 2, launch)
+    assert perturb.factored_is_cheaper(32, 49_152, 576, 4, launch)
+    assert not perturb.factored_is_cheaper(4096, 576, 576)
+
+
+def test_lozo_bfloat16_update_is_its_float32_value_rounded(accelerator_policy):
+    """The device path's fused bfloat16 LOZO update, ``round(factor w + alpha a b^T)`` from
+    elementwise ops, is the float64 value to one bfloat16 rounding (nearest), unbiased when
+    stochastic, and leaves the weights alone at alpha = 0 with no decay."""
+    from l2l.rounding import lowrank_update_
+
+    gen = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(70, 130, generator=gen) * 0.05).bfloat16()
+    a, b = torch.randn(70, 3, generator=gen), torch.randn(130, 3, generator=gen)
+    alpha, factor = 3e-3, 0.999
+    exact = w0.double() * factor + alpha * (a.double() @ b.double().T)
+    w = w0.clone()
+    lowrank_update_(w, a, b, alpha, factor, 11, start=5, rounding="nearest")
+    assert torch.equal(w, exact.float().bfloat16())
+    draws = []
+    for key in range(200):
+        w = w0.clone()
+        lowrank_update_(w, a, b, alpha, factor, key, start=5)
+        draws.append(w.double())
+    mean = torch.stack(draws).mean(0)
+    spacing = (exact.float().bfloat16().double() - exact).abs().max() * 2
+    assert float((mean - exact).abs().mean()) < 0.1 * float(spacing)
+    w = w0.clone()
+    lowrank_update_(w, a, b, 0.0, 1.0, 3)
+    assert torch.equal(w, w0)

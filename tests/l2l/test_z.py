@@ -213,3 +213,24 @@ def test_cuda_draws_a_whole_chunk_as_the_cpu_does():
     assert torch.equal(cuda.cpu().view(torch.int32), cpu.view(torch.int32))
     bits_cpu = zdef.counter_bits(5, 3, 1 << 20, "cpu")
     assert torch.equal(zdef.counter_bits(5, 3, 1 << 20, "cuda").cpu(), bits_cpu)
+
+
+def test_many_draws_are_each_blocks_own_draw():
+    """:func:`l2l.z.gaussian_many` (LOZO's U of every matrix in one draw): each request gets the
+    bits of its own :func:`l2l.z.gaussian`, as views of one buffer, in one profiled draw."""
+    requests = [
+        (3, 0, (576, 2)),
+        (7, 5, (1000,)),
+        (0, 4095, (3, 7)),
+        (2, 0, (0,)),
+        (11, 10**5, (900, 2)),
+    ]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = zdef.gaussian_many(12345, requests, "cpu")
+    assert [e.name for e in prof.events()].count("l2l::z") == 1
+    assert len({t.untyped_storage().data_ptr() for t in got}) == 1
+    for (block, start, shape), draw in zip(requests, got, strict=True):
+        want = zdef.gaussian(12345, block, start, shape, "cpu")
+        assert draw.shape == want.shape and torch.equal(
+            draw.view(torch.int32), want.view(torch.int32)
+        )

@@ -79,7 +79,8 @@ from l2l import z as zdef, z_triton
 from l2l.methods.factory import make_method
 
 launches = {"draw": 0, "draw_at": 0, "bits": 0, "add_z": 0, "update_bf16": 0, "add_scaled_z": 0,
-            "hizoo_update": 0, "block_var_mean": 0, "round_into": 0, "tuner_sigma": 0}
+            "hizoo_update": 0, "block_var_mean": 0, "round_into": 0, "tuner_sigma": 0,
+            "draw_many": 0, "lowrank_update": 0}
 for name in launches:
     def counted(*a, _f=getattr(z_triton, name), _n=name):
         out = _f(*a)
@@ -96,6 +97,9 @@ def draws():
     out.append(zdef.gaussian_at(9, 4, torch.randint(0, 90_000, (3, 50),
                                 generator=torch.Generator().manual_seed(0))))
     out.append(zdef.counter_bits(5, 3, 5000, "cpu"))
+    for seed in (3, 2**40 + 7, 2**63 - 1):  # keys derived in the kernel, small and large seeds
+        out.extend(zdef.gaussian_many(seed, [(0, 0, (576, 2)), (9, 4095, (3, 7)), (2, 0, (0,)),
+                                             (130, 70_001, (5000,))], "cpu"))
     gen = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = (torch.randn(300, 77, generator=gen) * 0.02).to(dtype)
@@ -198,7 +202,8 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     launches = result["launches"]
     # every entry point ran as a kernel: whole draws, looked-up rows, rounding bits, draw-and-add
     # (MeZO's perturbed copies and float32 updates), fused bfloat16 updates, HiZOO's perturbed
-    # copies along z / sqrt(H) and its fused update and curvature EMA
+    # copies along z / sqrt(H) and its fused update and curvature EMA, several blocks' draws in
+    # one (LOZO's U) and LOZO's fused bfloat16 update
     assert min(launches.values()) > 0 and launches["add_z"] > 100, launches
     # the block statistics agree with the torch ops to rounding and are deterministic
     assert result["moments"]["rel"] < 1e-9 and result["moments"]["same_bits"], result["moments"]
