@@ -1,8 +1,9 @@
 """z and trajectories mean the same on every device: a check to run on each new device.
 
 1. **z**: :func:`l2l.z.gaussian` (whole and offset draws, one larger than a CPU chunk),
-   :func:`l2l.z.gaussian_at`, :func:`l2l.z.counter_bits`, :func:`l2l.z.add_z`,
-   :func:`l2l.z.add_scaled_z`, :func:`l2l.rounding.round_into` and
+   :func:`l2l.z.gaussian_at`, :func:`l2l.z.gaussian_many`, :func:`l2l.z.counter_bits`,
+   :func:`l2l.z.add_z`, :func:`l2l.z.add_scaled_z`, :func:`l2l.rounding.lowrank_update_`,
+   :func:`l2l.rounding.round_into` and
    :func:`l2l.rounding.sqrt_rn` on ``--device`` against the CPU, bit for bit, and the tuner's
    block statistics to 1e-9. On CUDA with Triton these are the kernels of :mod:`l2l.z_triton`
    (reported as ``kernels``), on the CPU their torch-op reference.
@@ -66,7 +67,24 @@ def check_z(device: str) -> list[dict]:
         cpu, dev = zdef.add_z(x, 7, 3, 999, -1e-3), zdef.add_z(x.to(device), 7, 3, 999, -1e-3)
         what = f"add_z {str(dtype).removeprefix('torch.')} 333k"
         rows.append(dict(what=what, equal=torch.equal(bits(dev), bits(cpu))))
-    from l2l.rounding import round_into, sqrt_rn  # HiZOO's sqrt(H)
+    requests = [(0, 0, (576, 2)), (9, 4095, (3, 7)), (130, 70_001, (49_152, 2))]  # LOZO's U
+    for seed in (3, 2**40 + 7):
+        cpu = zdef.gaussian_many(seed, requests, "cpu")
+        dev = zdef.gaussian_many(seed, requests, device)
+        same = all(torch.equal(bits(d), bits(c)) for c, d in zip(cpu, dev, strict=True))
+        rows.append(dict(what=f"gaussian_many 3 blocks, seed {seed}", equal=same))
+    from l2l.rounding import lowrank_update_, round_into, sqrt_rn  # HiZOO's sqrt(H)
+
+    w = (torch.randn(1000, 333, generator=gen) * 0.02).bfloat16()  # LOZO's bfloat16 update
+    a, b = torch.randn(1000, 2, generator=gen), torch.randn(333, 2, generator=gen) / 2
+    for rounding in ("stochastic", "nearest"):
+        got = []
+        for where in ("cpu", device):
+            out = w.to(where, copy=True)
+            lowrank_update_(out, a.to(where), b.to(where), -3e-3, 0.999, 77, start=5,
+                            rounding=rounding)  # fmt: skip
+            got.append(bits(out))
+        rows.append(dict(what=f"lowrank_update_ bfloat16 {rounding} 333k", equal=torch.equal(*got)))
 
     h = torch.rand(1 << 20, generator=torch.Generator().manual_seed(1)) * 4 + 1e-3
     same = torch.equal(bits(sqrt_rn(h.to(device))), bits(sqrt_rn(h)))
