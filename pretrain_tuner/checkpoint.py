@@ -137,10 +137,10 @@ def run_manifest(settings: dict, data_sha256: str, tuner_sha256: str, run_id: st
     )
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
-    changed = []
+def _differences(saved: dict, now: dict, added: dict | None = None) -> list[str]:
+    changed, added = [], added or {}
     for key in sorted(set(saved["settings"]) | set(now["settings"])):
-        old, new = saved["settings"].get(key), now["settings"].get(key)
+        old, new = saved["settings"].get(key, added.get(key)), now["settings"].get(key)
         if old != new:
             changed.append(f"--{key} is {new!r}, the checkpoint's run used {old!r}")
     if saved["data_sha256"] != now["data_sha256"]:
@@ -150,16 +150,20 @@ def _differences(saved: dict, now: dict) -> list[str]:
     return changed
 
 
-def check_resume(path: Path, meta: dict, manifest: dict, steps: int | None) -> None:
+def check_resume(
+    path: Path, meta: dict, manifest: dict, steps: int | None, added: dict | None = None
+) -> None:
     """Check that the checkpoint at ``path`` (its non-tensor part ``meta``) continues this run:
-    the same manifest, and ``steps`` (if set) past its step. Raises :class:`UsageError`."""
+    the same manifest, and ``steps`` (if set) past its step. A setting in ``added`` (name: the
+    value runs had before it existed) that the checkpoint lacks counts as that value. Raises
+    :class:`UsageError`."""
     saved = meta.get(MANIFEST_KEY)
     if not isinstance(saved, dict) or saved.get("version") != MANIFEST_VERSION:
         raise UsageError(
             f"--resume: {path} has no run manifest (version {MANIFEST_VERSION}), so it cannot "
             "be checked against this run; start over with --overwrite"
         )
-    changed = _differences(saved, manifest)
+    changed = _differences(saved, manifest, added)
     if changed:
         raise UsageError(
             f"--resume: {'; '.join(changed)}. A resumed run must use the same settings and "

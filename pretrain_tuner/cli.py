@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm.cli import UsageError, run_command
-from pretrain_tuner.config import PretrainConfig, Recipe, decisive_settings, parse
+from pretrain_tuner.config import (
+    ADDED_SETTINGS,
+    PretrainConfig,
+    Recipe,
+    decisive_settings,
+    parse,
+)
 from pretrain_tuner.output import check_output, check_zoo_name, replacing
 
 PROG = "pretrain-tuner"
@@ -123,6 +129,14 @@ def _build(config: PretrainConfig):
         feature_scaling=config.feature_scaling,
         seed=config.seed,
     )
+    if config.init == "weight-rms":
+        import torch
+
+        from l2l.scales import weight_rms_scale
+
+        blocks = ParamBlocks.from_module(model)
+        mean, var = blocks.statistics()
+        tuner.start_at(weight_rms_scale(torch.stack([mean, var], dim=1)))
     module = MetaTunerModule(
         model,
         tuner,
@@ -210,7 +224,7 @@ def run(config: PretrainConfig, state: RunState | None = None) -> Path:
     run_id = run_id or uuid.uuid4().hex
     module.manifest = _manifest(config, tuner, data, run_id)
     if config.resume:
-        check_resume(ckpt, saved, module.manifest, config.steps)
+        check_resume(ckpt, saved, module.manifest, config.steps, ADDED_SETTINGS)
     precision = config.precision
     if precision == "auto":
         precision = default_precision(config.accelerator)

@@ -90,6 +90,9 @@ class Recipe:
     """reset the base model to its pretrained weights every K epochs (0: never)"""
     feature_scaling: Literal["asinh", "raw"] = "asinh"
     """transform of the tuner's input features"""
+    init: Literal["constant", "weight-rms"] = "constant"
+    """the tuner's block scales at the start: constant (sigma_b = 1: MeZO) or weight-rms (each
+    block's weight RMS: the hand-made heuristic of `finetune --tuner weight-rms`)"""
     normalize: bool = True
     """normalise the block scales so that the perturbation keeps its overall size (nf)"""
     grad_clip: float = 1.0
@@ -240,6 +243,11 @@ RESUMABLE = frozenset(
     {"steps", "max_epochs", "resume", "overwrite", "output", "name", "push_to_hub"}
     | {"checkpoint_every", "log_every", "progress"}
 )
+
+
+#: Settings added after run manifests were first written, with the value that a checkpoint
+#: written without them ran with: ``--resume`` of such a checkpoint at that value is no change.
+ADDED_SETTINGS = {"init": "constant"}
 
 
 def decisive_settings(config: PretrainConfig) -> dict:

@@ -110,6 +110,24 @@ class Tuner(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=lis
         self.w2.copy_(uniform(self.w2.shape, W2_INIT_RANGE))
         self.b2.fill_(1.0)
 
+    @torch.no_grad()
+    def start_at(self, sigma: torch.Tensor) -> Tuner:
+        """Start from the block scales ``sigma`` (B,) instead of 1 (e.g. a hand-made heuristic):
+        each block's output is ``b2 = sigma_b / g`` (``g`` the geometric mean of ``sigma``, which
+        the normalisation ``nf`` makes irrelevant) and ``w2`` shrinks with it, so every block
+        starts as close to its scale as the default init starts to 1."""
+        sigma = sigma.detach().double().reshape(-1)
+        if sigma.numel() != self.num_blocks or not bool((sigma > 0).all() & sigma.isfinite().all()):
+            got = f" from {float(sigma.min()):g} to {float(sigma.max()):g}" if sigma.numel() else ""
+            raise ValueError(
+                f"start_at takes {self.num_blocks} positive finite block scales, got "
+                f"{sigma.numel()}{got}"
+            )
+        rel = (sigma / sigma.log().mean().exp()).to(self.b2)
+        self.w2.mul_(rel[:, None])
+        self.b2.copy_(rel)
+        return self
+
     @classmethod
     def for_blocks(
         cls,

@@ -100,6 +100,24 @@ def test_sigma_is_about_one_at_the_initial_state(blocks: ParamBlocks, tuner: Tun
     assert torch.all((sigma > 0.95) & (sigma < 1.05)), sigma
 
 
+def test_a_tuner_can_start_at_the_weight_rms_heuristic(blocks: ParamBlocks, tuner: Tuner) -> None:
+    """``start_at`` (``pretrain-tuner --init weight-rms``): the initial sigmas are the weight-RMS
+    scales up to one common factor, each as close to it as a default tuner's are to 1 (within
+    5%), so a fresh tuner perturbs as the heuristic does; bad scales are refused."""
+    from l2l.scales import weight_rms_scale
+
+    features = initial_features(blocks)
+    rms = weight_rms_scale(features)
+    assert float(rms.max() / rms.min()) > 3  # the blocks differ: the test can tell
+    sigma = tuner.start_at(rms)(features).detach().double()
+    ratio = sigma / rms
+    assert float(ratio.max() / ratio.min()) < 1.1, ratio
+    assert abs(float(sigma.log().mean())) < 0.02  # scaled around 1
+    for bad in (rms[:-1], -rms, rms * float("nan")):
+        with pytest.raises(ValueError, match="positive finite block scales"):
+            tuner.start_at(bad)
+
+
 def test_sigma_is_positive_even_when_the_mlp_outputs_zero(
     blocks: ParamBlocks, tuner: Tuner
 ) -> None:

@@ -217,6 +217,23 @@ def test_resume_refuses_changed_settings_and_data(task_file, tmp_path, capsys):
     assert step_of(out / "checkpoints" / "last.ckpt") == 1
 
 
+def test_resume_of_a_checkpoint_from_before_a_setting_existed(task_file, tmp_path, capsys):
+    """A checkpoint whose manifest predates ``--init`` resumes at the value it ran with
+    (constant), and refuses another."""
+    out = tmp_path / "out"
+    assert main(args(task_file, out, steps=1)) == 0
+    ckpt = out / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    manifest = next(v for v in saved.values() if isinstance(v, dict) and "settings" in v)
+    del manifest["settings"]["init"]
+    torch.save(saved, ckpt)
+    capsys.readouterr()
+    assert main(args(task_file, out, "--resume", "--init", "weight-rms", steps=2)) == 2
+    assert "--init is 'weight-rms', the checkpoint's run used 'constant'" in one_error_line(capsys)
+    assert main(args(task_file, out, "--resume", steps=2)) == 0
+    assert step_of(ckpt) == 2
+
+
 # --- 3: a finished run is replaced only with --overwrite, and then wholly -----------------------
 
 
@@ -363,3 +380,18 @@ def test_signal_before_the_first_step_says_nothing_was_saved(task_file, tmp_path
     assert code == 130 and "Traceback" not in err, err[-3000:]
     assert "pretrain-tuner: interrupted before any meta-step was saved: nothing was written" in err
     assert not out.exists()
+
+
+def test_a_run_can_start_from_the_weight_rms_heuristic(task_file, tmp_path):
+    """``--init weight-rms`` meta-trains from the heuristic's block scales, and the tuner's
+    recorded recipe says so."""
+    import json
+
+    out = tmp_path / "out"
+    assert main(args(task_file, out, "--init", "weight-rms", steps=1)) == 0
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["init"] == "weight-rms"
+    from safetensors.torch import load_file
+
+    b2 = load_file(out / "model.safetensors")["b2"]  # each block's output: its scale
+    assert float(b2.max() / b2.min()) > 3, b2  # norms (RMS ~1) against projections (~0.02)
