@@ -420,8 +420,9 @@ def factored_is_cheaper(
 def lowrank_perturbed(w: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor], coeff: float):
     """``w + coeff U V^T`` in ``w``'s dtype, a new tensor, in one ``addmm``: float32 factors for a
     float32 ``w``; for a half-precision one the factors in its dtype (cast once per step for a
-    :class:`LowRank` pair) with the product accumulated in float32 and rounded once, the
-    precision at which the factored form computes the same term."""
+    :class:`LowRank` pair), the precision at which the factored form computes the same term (the
+    measured direction is then the rounded factors' product, about 2^-8 from the float32 one
+    that the update takes, as in the factored form)."""
     u, v = _in_dtype(factors, w.dtype)
     return torch.addmm(w, u, v.T, alpha=coeff)
 

@@ -253,6 +253,19 @@ def lowrank_update_(
     ops, its reference, profiled as that kernel (``l2l::lowrank``).
     """
     check_rounding(rounding)
+    if w.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"lowrank_update_ takes 2-D w, a, b, got {w.dim()}, {a.dim()}, {b.dim()}")
+    (rows, cols), rank = w.shape, a.shape[1]
+    if a.shape[0] != rows or tuple(b.shape) != (cols, rank) or rank < 1:
+        raise ValueError(
+            f"lowrank_update_: w {tuple(w.shape)} needs a (rows, r) and b (cols, r), got a "
+            f"{tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if a.device != w.device or b.device != w.device:
+        raise ValueError(
+            f"lowrank_update_: w, a and b must be on one device, got {w.device}, {a.device}, "
+            f"{b.device}"
+        )
     a, b = a.float().contiguous(), b.float().contiguous()
     with torch.profiler.record_function("l2l::lowrank"):
         kernels = zdef._kernels(w.device)
@@ -260,13 +273,19 @@ def lowrank_update_(
             args = (w, a, b, key, start, alpha, factor, rounding == "stochastic")
             if zdef.run_kernel(kernels, "lowrank_update", *args) is not None:
                 return
-        t = torch.mul(a[:, :1], b[:, 0])
-        if a.shape[1] > 1:
-            term = torch.empty_like(t)
-            for k in range(1, a.shape[1]):
-                t.add_(torch.mul(a[:, k : k + 1], b[:, k], out=term))
-        new = upcast(w, torch.float32)
-        if factor != 1.0:
-            new.mul_(factor)
-        new.add_(t, alpha=alpha)
-        round_into(w, new, key, start=start, rounding=rounding)
+        # elementwise, so row slices give the bits of the whole: three float32 buffers of a
+        # slice, not of a whole weight
+        step = max(1, zdef.CHUNK_ELEMENTS // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            view, left = w[r0:r1], a[r0:r1]
+            t = torch.mul(left[:, :1], b[:, 0])
+            if rank > 1:
+                term = torch.empty_like(t)
+                for k in range(1, rank):
+                    t.add_(torch.mul(left[:, k : k + 1], b[:, k], out=term))
+            new = upcast(view, torch.float32)
+            if factor != 1.0:
+                new.mul_(factor)
+            new.add_(t, alpha=alpha)
+            round_into(view, new, key, start=start + r0 * cols, rounding=rounding)

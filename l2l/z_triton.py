@@ -135,12 +135,14 @@ def _draw_group(out_ptr, key, g, q, start, numel):
 def _seed_key(seed, block, like):
     """``l2l.z.z_key(seed, block)`` (``mix_seed`` of the two) as an int64 tensor of ``like``'s
     shape: the fold of :data:`l2l.z_spec.SEED_SHIFTS` in uint64."""
-    zero = tl.zeros_like(like).to(tl.uint64, bitcast=True)
-    h = zero + _GAMMA
-    h = (h ^ (zero + seed.to(tl.uint64, bitcast=True))) * _MIX1
+    # the values widened through an int64 tensor first (a scalar may arrive as int32, and the
+    # interpreter holds an int from 2^31 to 2^32 as uint32)
+    wide = tl.zeros_like(like).to(tl.int64)
+    h = wide.to(tl.uint64, bitcast=True) + _GAMMA
+    h = (h ^ (wide + seed).to(tl.uint64, bitcast=True)) * _MIX1
     h = (h ^ (h >> _SEED_SHIFT0)) * _MIX2
     h = h ^ (h >> _SEED_SHIFT1)
-    h = (h ^ (zero + block.to(tl.uint64, bitcast=True))) * _MIX1
+    h = (h ^ (wide + block).to(tl.uint64, bitcast=True)) * _MIX1
     h = (h ^ (h >> _SEED_SHIFT0)) * _MIX2
     h = h ^ (h >> _SEED_SHIFT1)
     return (h >> 1).to(tl.int64, bitcast=True)
@@ -160,7 +162,7 @@ def _draw_many_kernel(out_ptr, seed, table_ptr, segments):
     numel = tl.load(table_ptr + 2 * segments + seg)
     offset = tl.load(table_ptr + 3 * segments + seg)
     q = tl.arange(0, _G).to(tl.int64)
-    _draw_group(out_ptr + offset, _seed_key(seed.to(tl.int64), block, q), g, q, start, numel)
+    _draw_group(out_ptr + offset, _seed_key(seed, block, q), g, q, start, numel)
 
 
 @triton.jit
@@ -576,7 +578,9 @@ def update_bf16(
     return w
 
 
-_LOWRANK_TILE = (32, 128)  # rows x columns of w per program of _lowrank_kernel
+#: rows x columns of w per program of _lowrank_kernel (with stochastic rounding a 32 x 128 tile
+#: needs ~210 registers a thread on sm_90, which caps occupancy for a memory-bound kernel)
+_LOWRANK_TILE = (16, 128)
 
 
 def lowrank_update(

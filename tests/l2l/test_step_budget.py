@@ -302,3 +302,16 @@ def test_lozo_bfloat16_update_is_its_float32_value_rounded(accelerator_policy):
     w = w0.clone()
     lowrank_update_(w, a, b, 0.0, 1.0, 3)
     assert torch.equal(w, w0)
+    whole = w0.clone()
+    lowrank_update_(whole, a, b, alpha, factor, 11, start=5)
+    zdef_chunk = zdef.CHUNK_ELEMENTS
+    try:  # row slices of 3 rows: the reference ops in pieces give the same bits
+        zdef.CHUNK_ELEMENTS = 3 * 130
+        sliced = w0.clone()
+        lowrank_update_(sliced, a, b, alpha, factor, 11, start=5)
+    finally:
+        zdef.CHUNK_ELEMENTS = zdef_chunk
+    assert torch.equal(sliced.view(torch.int16), whole.view(torch.int16))
+    for bad_a, bad_b in ((a[:-1], b), (a, b[:, :2]), (a[:, 0], b)):
+        with pytest.raises(ValueError, match="lowrank_update_"):
+            lowrank_update_(w0.clone(), bad_a, bad_b, alpha, factor, 1)

@@ -71,7 +71,7 @@ def cast_rne(self, src, dst_type):
 
 
 # a kernel that fails falls back to the torch ops with a warning: here it fails the check
-warnings.filterwarnings("error", message="l2l's Triton kernels failed")
+warnings.filterwarnings("error", message="l2l's Triton kernel ")
 interpreter.InterpreterBuilder.create_fma = exact_fma
 interpreter.InterpreterBuilder.cast_impl = cast_rne
 from helpers import lm_closure, snapshot, tiny_lm
@@ -97,7 +97,7 @@ def draws():
     out.append(zdef.gaussian_at(9, 4, torch.randint(0, 90_000, (3, 50),
                                 generator=torch.Generator().manual_seed(0))))
     out.append(zdef.counter_bits(5, 3, 5000, "cpu"))
-    for seed in (3, 2**40 + 7, 2**63 - 1):  # keys derived in the kernel, small and large seeds
+    for seed in (3, 2**31, 2**32 - 1, 2**40 + 7, 2**63 - 1):  # keys derived in the kernel
         out.extend(zdef.gaussian_many(seed, [(0, 0, (576, 2)), (9, 4095, (3, 7)), (2, 0, (0,)),
                                              (130, 70_001, (5000,))], "cpu"))
     gen = torch.Generator().manual_seed(1)
@@ -183,6 +183,7 @@ for scaling in ("asinh", "raw"):
     got = tuner.step_sigma(blocks, (2.5, 2.25), prev_sigma)
     tuner_rel.append(float(((got - want).abs() / want).max()))
 print(json.dumps({"mismatches": mismatches, "launches": launches, "moments": moments,
+                  "failed": sorted(zdef.FAILED_KERNELS),
                   "tuner_rel": tuner_rel}))
 """
 
@@ -198,7 +199,7 @@ def test_kernels_match_the_torch_generator_in_draws_and_whole_zo_steps():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["mismatches"] == []
+    assert result["mismatches"] == [] and result["failed"] == []
     launches = result["launches"]
     # every entry point ran as a kernel: whole draws, looked-up rows, rounding bits, draw-and-add
     # (MeZO's perturbed copies and float32 updates), fused bfloat16 updates, HiZOO's perturbed
