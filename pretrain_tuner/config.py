@@ -92,7 +92,7 @@ class Recipe:
     """transform of the tuner's input features"""
     init: Literal["constant", "weight-rms"] = "constant"
     """the tuner's block scales at the start: constant (sigma_b = 1: MeZO) or weight-rms (each
-    block's weight RMS: the hand-made heuristic of `finetune --tuner weight-rms`)"""
+    block's weight RMS: the hand-made heuristic of finetune --tuner weight-rms)"""
     normalize: bool = True
     """normalise the block scales so that the perturbation keeps its overall size (nf)"""
     grad_clip: float = 1.0
