@@ -198,13 +198,21 @@ def reuse(path: Path, call: tuple) -> dict:
     results = json.loads(path.read_text())
     if call[0] is run_one and call[1].scale == "tuner":
         check_same_tuner(results, call[2], path)
+    if call[0] is run_one and len(call) > 4 and call[4] and "eval_dev" not in results:
+        raise SystemExit(
+            f"{path} has no dev accuracy (it ran under --lr without dev scoring), so it cannot "
+            "take part in the lr selection: summarise it with --lr, or delete it to rerun it as "
+            "a selection run."
+        )
     return results
 
 
 def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     """One fine-tuning run through the same code path as the ``finetune`` CLI.
 
-    ``select``: a learning-rate selection run, which is also scored on the dev split.
+    ``select``: a learning-rate selection run, which is also scored on the dev split. A run with
+    a selection run's shape (seed 0, the selection step count) is scored on dev even when it runs
+    under ``--lr``, so that a later protocol without ``--lr`` can select with it.
     """
     path = run_path(spec, args)
     if path.exists():
@@ -246,7 +254,7 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     run = setup(parse(argv))
     run.results["eval_before"] = before
     results = run.fit(run.begin())
-    if select:
+    if select or (spec.seed == 0 and spec.steps == budget["select_steps"]):
         results["eval_dev"] = run.evaluate("dev")
     results["spec"] = spec.__dict__
     results["provenance"] = provenance()

@@ -119,3 +119,13 @@ def test_a_finished_tuner_run_is_reused_only_with_the_same_tuner(quality, tmp_pa
         quality.run_all([job], job[3], "test")
     plain = quality.Spec("movie-reviews", "mezo", "none", 1e-5, 0, 200)  # no tuner: not checked
     assert quality.run_all([(path, quality.run_one, plain, job[3], {})], job[3], "test")
+
+
+def test_a_run_without_dev_scores_cannot_select_an_lr(quality, tmp_path):
+    spec = quality.Spec("movie-reviews", "mezo", "none", 1e-5, 0, 200)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run([1.0, 0.9], 0.7)))  # ran under --lr: no eval_dev
+    args = argparse.Namespace(jobs=1)
+    assert quality.run_all([(path, quality.run_one, spec, args, {})], args, "test")
+    with pytest.raises(SystemExit, match="run.json has no dev accuracy.*summarise it with --lr"):
+        quality.run_all([(path, quality.run_one, spec, args, {}, True)], args, "test")
