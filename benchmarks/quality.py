@@ -453,7 +453,10 @@ def summarise(all_runs: dict, args, budget, wall: float, read_runs: list | None 
                 f"{acc0:.3f} -> {statistics.mean(acc):.3f} ± {statistics.pstdev(acc):.3f} | {vs} | {reach_s} | {sps:.2f} | {mem:.0f} |"
             )
         labels = [lbl for t, lbl in all_runs if t == task]
-        if not any(lbl.endswith("+tuner") for lbl in labels):
+        # the share is a comparison: it needs a tuner variant and at least one method without
+        if not any(lbl.endswith("+tuner") for lbl in labels) or all(
+            lbl.endswith("+tuner") for lbl in labels
+        ):
             continue
         for i in range(len(seeds)):
             runs_i = {lbl: all_runs[(task, lbl)][i] for lbl in labels}

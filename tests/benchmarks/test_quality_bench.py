@@ -73,6 +73,9 @@ def test_summary_counts_tuner_wins_per_task_and_seed(quality):
     assert "mezo+tuner vs mezo: lower final loss in 3/4" in text
     assert "mean test-accuracy difference +3.5 points" in text  # (10 + 0 + 0 + 4) / 4
     assert "| a | mezo+tuner | 1e-05 | 2.0000 ± 1.0000 | 0.500 -> 0.650 ± 0.050 |" in text
+    # a tuner variant alone is compared with nothing: no share of wins
+    only = {k: v for k, v in runs.items() if k[1] == "mezo+tuner"}
+    assert "lowest final loss" not in quality.summarise(only, args, budget, wall=60.0)
 
 
 def test_summary_of_read_runs_states_where_they_ran(quality):
