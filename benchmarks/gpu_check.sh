@@ -8,7 +8,9 @@
 # the device in their dtype, or the built-in tiny models; tasks are small local JSONL files.
 # Every section writes under $OUT (default runs/gpu_check): its log, its JSON, and one line
 # "<section> <exit status> <seconds>" in status.txt. A failing section does not stop the others;
-# the script exits 1 when any failed.
+# the script exits 1 when any failed. Sections run in order of what matters most; with
+# BUDGET_S=<seconds> set, each section's limit is cut to the time left, and a section that would
+# start with under 15 s left is recorded as "skipped" (and counts as failed).
 #
 # Sections:
 #   device_check   z on the device vs the CPU bit for bit; trajectories trained on the device
@@ -42,11 +44,19 @@ mkdir -p "$OUT"
 : > "$OUT/status.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 FAILED=0
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-86400} ))
 
 section() {  # section NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2 start rc
+    local name=$1 limit=$2 start rc left
     shift 2
     start=$(date +%s)
+    left=$(( DEADLINE - start ))
+    if [ "$left" -lt 15 ]; then
+        echo "$name skipped ${left}s-left" | tee -a "$OUT/status.txt"
+        FAILED=1
+        return
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
     echo "== $name: $*"
     if declare -F "$1" > /dev/null; then  # a function: its commands each run under $LIMIT
         LIMIT=$limit "$@" > "$OUT/$name.log" 2>&1
@@ -67,9 +77,8 @@ section() {  # section NAME TIMEOUT_S COMMAND...
 section device_check 120 "$PY" benchmarks/device_check.py --device "$DEVICE" --json "$OUT/device_check.json"
 
 if [ "$DEVICE" = cuda ]; then
-    section gpu_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
     OPS=(--model llama-3.2-1b --layers 1 --batch 2 --seq 16 --dtype bfloat16)
-    section step_ops 120 "$PY" benchmarks/step_ops.py "${OPS[@]}" --device cuda --json "$OUT/step_ops.json"
+    section step_ops 90 "$PY" benchmarks/step_ops.py "${OPS[@]}" --device cuda --json "$OUT/step_ops.json"
     ALL=mezo,hizoo,lozo,lozo-m
     section step_cost_smollm2 90 "$PY" benchmarks/step_cost.py --model smollm2-135m --dtype bfloat16 \
         --batch 16 --seq 512 --methods reference,$ALL,mezo+tuner,lozo+tuner --repeats 3 --json "$OUT/step_cost_smollm2.json"
@@ -77,6 +86,8 @@ if [ "$DEVICE" = cuda ]; then
         --batch 16 --seq 512 --methods $ALL,mezo+tuner --repeats 3 --json "$OUT/step_cost_llama1b.json"
     section step_cost_opt13b 150 "$PY" benchmarks/step_cost.py --model opt-13b --dtype bfloat16 \
         --batch 8 --seq 512 --methods mezo,lozo,mezo+tuner --repeats 2 --json "$OUT/step_cost_opt13b.json"
+    # test modules written for the CPU (e.g. Triton's interpreter patches) may not import here
+    section gpu_tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
     ACCEL=(--accelerator gpu --devices 1)
 else
     echo "gpu_tests skipped: no CUDA" | tee -a "$OUT/status.txt"
