@@ -62,7 +62,8 @@ def make_optimizer(method: str, model, tuner: bool):
         from l2l.blocks import ParamBlocks
         from l2l.tuner import Tuner
 
-        kw["block_scale"] = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="bench")
+        tuner_net = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="bench")
+        kw["block_scale"] = tuner_net.to(next(model.parameters()).device)  # as finetune places it
     return {
         "mezo": lambda: ZOSGD(model, **kw),
         "hizoo": lambda: HiZOO(model, **kw),

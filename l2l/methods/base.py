@@ -168,6 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
         self.perturber = Perturber(self.blocks, model)
         self.block_scale = block_scale
+        _check_block_scale_device(block_scale, self.blocks)
         self.normalize = normalize
         self.nonfinite = nonfinite
         self.loss_reduce = loss_reduce
@@ -180,7 +181,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             is_no_decay(n, p) for n, p in zip(self.blocks.names, self.blocks.params, strict=True)
         ]
         self._prev_losses = (0.0, 0.0)
+        # the previous step's raw sigma, a tuner feature; kept where the tuner's output is (on
+        # an accelerator no upload per step)
         self._prev_sigma = torch.ones(len(self.blocks))
+        self._step_sigma: torch.Tensor | None = None
 
     # ---- hyperparameters and (de)serialisation -------------------------------------------
     @property
@@ -248,9 +252,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             out = None
             if step_sigma is not None and self._owner("features") is ZOOptimizer:
                 out = step_sigma(self.blocks, self._prev_losses, self._prev_sigma)
+                # a fresh float32 tensor on the blocks' device: the next step's sigma feature
+                self._step_sigma = out.reshape(-1) if out is not None else None
             if out is None:
                 out = self.block_scale(self.features())
-            sigma = out.detach().double().reshape(-1).tolist()
+            sigma = out.detach().reshape(-1).tolist()  # exact floats of any dtype
         if len(sigma) != len(self.blocks) or not all(s > 0 for s in sigma):  # NaN fails too
             raise ValueError(
                 f"block_scale must return {len(self.blocks)} positive scales, got "
@@ -355,7 +361,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         # resume (which replays the records onto the initial weights) can trust
         self._prev_losses = (values[-2], values[-1])
         if sigma is not None:
-            self._prev_sigma = torch.tensor(sigma, dtype=torch.float32)
+            fresh, self._step_sigma = self._step_sigma, None
+            if fresh is None:
+                fresh = torch.tensor(sigma, dtype=torch.float32)
+            self._prev_sigma = fresh
         if self.records is not None:
             self.records.append(record)
         self._apply(record)
@@ -452,3 +461,20 @@ class ZOOptimizer(torch.optim.Optimizer):
                 new.add_(direction(b, c), alpha=-coeff)
             if not in_place:
                 round_into(view, new, key, start=start, rounding=rounding)
+
+
+def _check_block_scale_device(block_scale: Any, blocks: ParamBlocks) -> None:
+    """Warn when a module provider (a tuner) is not where the weights are: it still works, but
+    every step then ships the features to the provider's device and its scales back."""
+    if not isinstance(block_scale, nn.Module) or not len(blocks):
+        return
+    home = blocks.params[0].device
+    where = {p.device for p in block_scale.parameters()}
+    if where and home not in where and home.type != "meta":
+        warnings.warn(
+            f"block_scale is on {', '.join(sorted(map(str, where)))} and the weights on {home}: "
+            f"each step copies the features there and back; move it with "
+            f"block_scale.to({str(home)!r}) (finetune and the Trainer integration do)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -352,3 +352,44 @@ def test_weight_rms_scale_is_each_blocks_rms_and_drives_a_step():
     assert float((numels * scales.square()).sum() / numels.sum()) == pytest.approx(1.0)
     opt.step(lm_closure(model))
     assert opt.records[0].scales == pytest.approx(scales.tolist())
+
+
+def test_the_previous_sigma_feature_stays_where_the_tuner_computes_it(monkeypatch):
+    """On the accelerator's path a step's sigma is the next step's feature as it is, on the
+    weights' device (no upload per step), and with the same float32 values as the record."""
+    from helpers import lm_closure, tiny_lm
+
+    import l2l.z as zdef
+    from l2l import ZOSGD
+
+    monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", zdef.ACCELERATOR_POLICY | {"cpu"})
+    model = tiny_lm()
+    tuner = Tuner.for_blocks(blocks_of(model), "org/tiny-lm", seed=1)
+    seen, outs = [], []
+    original = tuner.step_sigma
+
+    def step_sigma(blocks, prev_losses, prev_sigma):
+        seen.append(prev_sigma)
+        outs.append(original(blocks, prev_losses, prev_sigma))
+        return outs[-1]
+
+    monkeypatch.setattr(tuner, "step_sigma", step_sigma)
+    opt = ZOSGD(model, lr=1e-3, block_scale=tuner, normalize=False, record=True)
+    for _ in range(3):
+        opt.step(lm_closure(model))
+    assert len(seen) == 3 and torch.equal(seen[0], torch.ones(len(opt.blocks)))
+    for step in (1, 2):
+        assert seen[step].data_ptr() == outs[step - 1].data_ptr()  # not a host round trip
+        assert seen[step].dtype == torch.float32
+        assert seen[step].tolist() == opt.records[step - 1].scales  # normalize=False: raw sigma
+
+
+def test_a_tuner_away_from_the_weights_is_warned_about():
+    from helpers import tiny_lm
+
+    from l2l import ZOSGD
+
+    model = tiny_lm()
+    tuner = Tuner.for_blocks(blocks_of(model), "org/tiny-lm").to("meta")
+    with pytest.warns(RuntimeWarning, match=r"block_scale is on meta and the weights on cpu"):
+        ZOSGD(model, lr=1e-3, block_scale=tuner)
