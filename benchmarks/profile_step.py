@@ -1,12 +1,20 @@
-"""Where a ZO step's CPU time goes: ``torch.profiler``'s table of aten ops for a few steps.
+"""Where a ZO step's time goes: ``torch.profiler``'s table of ops for a few steps.
 
 For comparing two commits op by op (same ops and call counts, and which op got slower), e.g.
 from two worktrees::
 
     PYTHONPATH=<worktree> python benchmarks/profile_step.py --method hizoo --layers 4
 
-Random-init model of a real shape (no download), one torch thread, ``--steps`` profiled steps
-after one warm-up step.
+On CUDA the table is sorted by the kernels' own device time, and the project's profiled ranges
+(``l2l::*``: z draws, perturbed copies, roundings, the tuner's statistics and MLP) are listed
+with the device time of everything inside them::
+
+    python benchmarks/profile_step.py --device cuda --dtype bfloat16 --model opt-13b --layers 4 \
+        --batch 8 --seq 512 --method mezo+tuner
+
+Random-init model of a real shape built on the device in its dtype (no download), one torch
+thread, ``--steps`` profiled steps after one warm-up step. ``--method`` may end in ``+tuner``
+(a freshly initialised learned tuner on the model's device).
 """
 
 from __future__ import annotations
@@ -29,33 +37,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=14, help="ops in the table")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
+    from l2l.blocks import ParamBlocks
     from l2l.methods.factory import make_method
+    from l2l.tuner import Tuner
     from llm.shapes import shape_config
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    cuda = torch.device(args.device).type == "cuda"
     config = shape_config(args.model, num_hidden_layers=args.layers)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
 
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    opt = make_method(args.method, model, lr=1e-7, eps=1e-3)
+    method, _, tuner = args.method.partition("+")
+    extra = {}
+    if tuner:
+        if tuner != "tuner":
+            p.error(f"--method: a method or <method>+tuner, not {args.method}")
+        extra["block_scale"] = Tuner.for_blocks(ParamBlocks.from_module(model), "bench").to(
+            args.device
+        )
+    opt = make_method(method, model, lr=1e-7, eps=1e-3, **extra)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         opt.step(closure)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 opt.step(closure)
+            if cuda:
+                torch.cuda.synchronize()
     print(
         f"# {args.method} on {args.model} ({args.layers} layers), batch {args.batch} x {args.seq}"
+        f", {args.dtype} on {args.device}, {args.steps} steps"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=args.rows))
+    if cuda:
+
+        def device_us(e) -> float:  # named cuda_time_total before torch 2.4
+            return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+        ranges = sorted((e for e in events if e.key.startswith("l2l::")), key=device_us)
+        print("project ranges: calls, device time of everything inside (ms per step)")
+        for e in reversed(ranges):
+            per_step = device_us(e) / 1e3 / args.steps
+            print(f"  {e.key:<20} {e.count:>6}  {per_step:9.3f}")
     return 0
 
 
