@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check: everything this project needs to learn from a GPU, in one run.
 #
-#   benchmarks/gpu_check.sh                 # CUDA (one H200: under 8 minutes)
+#   benchmarks/gpu_check.sh                 # CUDA (one H200: about 9 minutes)
 #   benchmarks/gpu_check.sh --device cpu    # the same sections on tiny shapes (tested in CI)
 #
 # Nothing is downloaded: models are random initialisations of real shapes (llm.shapes) built on
@@ -19,12 +19,12 @@
 #   step_ops       aten ops and host syncs per step of every method (benchmarks/step_ops.py)
 #   step_cost_*    step time / forwards and peak memory, SmolLM2-135M, Llama-3.2-1B, OPT-13B
 #                  shapes in bfloat16 (benchmarks/step_cost.py)
-#   profile_opt13b the device time of four OPT-13B layers' MeZO + tuner step, kernel by kernel
-#                  (benchmarks/profile_step.py)
 #   finetune_bf16  finetune in bfloat16, interrupted at step 2 and resumed, against an
 #                  uninterrupted run: the same weights (sha256)
 #   pretrain_*     a short pretrain-tuner in bf16-mixed and bf16-true, under DDP and FSDP2 at
 #                  world size 1 (NCCL on CUDA, gloo on the CPU); the tuner stays float32
+#   profile_opt13b the device time of four OPT-13B layers' MeZO + tuner step, kernel by kernel
+#                  (benchmarks/profile_step.py; CUDA only)
 set -uo pipefail
 
 DEVICE=cuda
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --device=*) DEVICE="${1#*=}"; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -71,7 +71,7 @@ section() {  # section NAME TIMEOUT_S COMMAND...
 }
 
 {
-    echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ) device $DEVICE commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+    echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ) device $DEVICE commit $(git describe --always --dirty 2>/dev/null || echo none)"
     "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 } > "$OUT/machine.txt" 2>&1
@@ -90,9 +90,6 @@ if [ "$DEVICE" = cuda ]; then
         --batch 16 --seq 512 --methods $ALL,mezo+tuner --repeats 3 --json "$OUT/step_cost_llama1b.json"
     section step_cost_opt13b 150 "$PY" benchmarks/step_cost.py --model opt-13b --dtype bfloat16 \
         --batch 8 --seq 512 --methods mezo,lozo,mezo+tuner --repeats 2 --json "$OUT/step_cost_opt13b.json"
-    # where an OPT-13B step's device time goes, kernel by kernel, with the tuner
-    section profile_opt13b 60 "$PY" benchmarks/profile_step.py --device cuda --dtype bfloat16 \
-        --model opt-13b --layers 4 --batch 8 --seq 512 --method mezo+tuner --rows 25
     # test modules written for the CPU (e.g. Triton's interpreter patches) may not import here
     section gpu_tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
     ACCEL=(--accelerator gpu --devices 1)
@@ -146,6 +143,12 @@ EOF
 for run in bf16-mixed:ddp bf16-true:fsdp bf16-true:ddp bf16-mixed:fsdp; do
     section "pretrain_${run%%:*}_${run##*:}" 90 pretrain "${run%%:*}" "${run##*:}"
 done
+
+if [ "$DEVICE" = cuda ]; then  # last: a diagnosis, not a check
+    # where an OPT-13B step's device time goes, kernel by kernel, with the tuner
+    section profile_opt13b 60 "$PY" benchmarks/profile_step.py --device cuda --dtype bfloat16 \
+        --model opt-13b --layers 4 --batch 8 --seq 512 --method mezo+tuner --rows 25
+fi
 
 echo "status ($OUT/status.txt):"
 cat "$OUT/status.txt"

@@ -247,13 +247,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         once (one ``tolist``) and nothing after it reads a tensor back."""
         if self.block_scale is None:
             return None, None
+        self._step_sigma = None
         with torch.no_grad():
             step_sigma = getattr(self.block_scale, "step_sigma", None)  # a learned tuner's
             out = None
             if step_sigma is not None and self._owner("features") is ZOOptimizer:
                 out = step_sigma(self.blocks, self._prev_losses, self._prev_sigma)
-                # a fresh float32 tensor on the blocks' device: the next step's sigma feature
-                self._step_sigma = out.reshape(-1) if out is not None else None
+                if out is not None:  # on the blocks' device: the next step's sigma feature
+                    # float32 as a resume reloads it (Tuner's output already is: no copy)
+                    self._step_sigma = out.detach().reshape(-1).float()
             if out is None:
                 out = self.block_scale(self.features())
             sigma = out.detach().reshape(-1).tolist()  # exact floats of any dtype
@@ -474,7 +476,8 @@ def _check_block_scale_device(block_scale: Any, blocks: ParamBlocks) -> None:
         warnings.warn(
             f"block_scale is on {', '.join(sorted(map(str, where)))} and the weights on {home}: "
             f"each step copies the features there and back; move it with "
-            f"block_scale.to({str(home)!r}) (finetune and the Trainer integration do)",
+            f"block_scale.to({str(home)!r}) (finetune and the Trainer integration do for a "
+            "Tuner)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )

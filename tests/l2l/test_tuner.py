@@ -384,6 +384,28 @@ def test_the_previous_sigma_feature_stays_where_the_tuner_computes_it(monkeypatc
         assert seen[step].tolist() == opt.records[step - 1].scales  # normalize=False: raw sigma
 
 
+def test_a_skipped_step_leaves_no_stale_sigma_for_another_provider(monkeypatch):
+    """A tuner's sigma of a skipped (non-finite) step is not the next feature of whatever
+    provides the scales next."""
+    from helpers import lm_closure, tiny_lm
+
+    import l2l.z as zdef
+    from l2l import ZOSGD
+    from l2l.scales import weight_rms_scale
+
+    monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", zdef.ACCELERATOR_POLICY | {"cpu"})
+    model = tiny_lm()
+    tuner = Tuner.for_blocks(blocks_of(model), "org/tiny-lm", seed=1)
+    opt = ZOSGD(model, lr=1e-3, block_scale=tuner, normalize=False, nonfinite="skip", record=True)
+    closure = lm_closure(model)
+    opt.step(lambda: closure() * float("nan"))
+    assert opt.nonfinite_steps == 1
+    opt.block_scale = weight_rms_scale
+    opt.step(closure)
+    assert opt._prev_sigma.dtype == torch.float32
+    assert opt._prev_sigma.tolist() == pytest.approx(opt.records[-1].scales, rel=1e-7)
+
+
 def test_a_tuner_away_from_the_weights_is_warned_about():
     from helpers import tiny_lm
 
