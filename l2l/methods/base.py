@@ -184,7 +184,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         # the previous step's raw sigma, a tuner feature; kept where the tuner's output is (on
         # an accelerator no upload per step)
         self._prev_sigma = torch.ones(len(self.blocks))
-        self._step_sigma: torch.Tensor | None = None
 
     # ---- hyperparameters and (de)serialisation -------------------------------------------
     @property
@@ -237,25 +236,27 @@ class ZOOptimizer(torch.optim.Optimizer):
     def block_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(raw sigma, effective nf * sigma) from the provider as float64 tensors, or
         (None, None) without one."""
-        sigma, scales = self._block_scale_values()
+        sigma, scales, _ = self._block_scale_values()
         if sigma is None:
             return None, None
         return torch.tensor(sigma, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64)
 
-    def _block_scale_values(self) -> tuple[list[float] | None, list[float] | None]:
-        """(raw sigma, nf * sigma) as Python floats: the provider's output crosses to the host
-        once (one ``tolist``) and nothing after it reads a tensor back."""
+    def _block_scale_values(
+        self,
+    ) -> tuple[list[float] | None, list[float] | None, torch.Tensor | None]:
+        """(raw sigma, nf * sigma) as Python floats, and the raw sigma as a float32 tensor where
+        a tuner's ``step_sigma`` made it on the blocks' device (else None): the provider's output
+        crosses to the host once (one ``tolist``) and nothing after it reads a tensor back."""
         if self.block_scale is None:
-            return None, None
-        self._step_sigma = None
+            return None, None, None
+        kept = None
         with torch.no_grad():
             step_sigma = getattr(self.block_scale, "step_sigma", None)  # a learned tuner's
             out = None
             if step_sigma is not None and self._owner("features") is ZOOptimizer:
                 out = step_sigma(self.blocks, self._prev_losses, self._prev_sigma)
-                if out is not None:  # on the blocks' device: the next step's sigma feature
-                    # float32 as a resume reloads it (Tuner's output already is: no copy)
-                    self._step_sigma = out.detach().reshape(-1).float()
+                if out is not None:  # float32 as a resume reloads it (a Tuner's is: no copy)
+                    kept = out.detach().reshape(-1).float()
             if out is None:
                 out = self.block_scale(self.features())
             sigma = out.detach().reshape(-1).tolist()  # exact floats of any dtype
@@ -265,7 +266,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{len(sigma)} with min {min(sigma) if sigma else 'n/a'}"
             )
         if not self.normalize:
-            return sigma, list(sigma)
+            return sigma, list(sigma), kept
         # nf = sqrt(sum n_b) / sqrt(sum n_b sigma_b^2), with correctly rounded sums
         weighted = math.fsum(n * s * s for n, s in zip(self._numels, sigma, strict=True))
         if not 0.0 < weighted < math.inf:
@@ -274,7 +275,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"(sigma from {min(sigma)} to {max(sigma)})"
             )
         nf = math.sqrt(math.fsum(self._numels)) / math.sqrt(weighted)
-        return sigma, [s * nf for s in sigma]
+        return sigma, [s * nf for s in sigma], kept
 
     def _direction(self, ctx: StepContext, block: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
@@ -345,7 +346,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("ZO optimizers need a closure that returns the minibatch loss")
         seed = mix_seed(self.seed, self.step_count)  # a pure function of (seed, step)
-        sigma, scales = self._block_scale_values()
+        sigma, scales, kept = self._block_scale_values()
         ctx = StepContext(self.step_count, seed, scales)
         self._prepare(ctx.step, seed)
         values = _host_losses(self._losses(ctx, closure))  # the step's one wait on the device
@@ -362,11 +363,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         # bookkeeping first: an interrupt inside _apply then leaves a record and state that a
         # resume (which replays the records onto the initial weights) can trust
         self._prev_losses = (values[-2], values[-1])
-        if sigma is not None:
-            fresh, self._step_sigma = self._step_sigma, None
-            if fresh is None:
-                fresh = torch.tensor(sigma, dtype=torch.float32)
-            self._prev_sigma = fresh
+        if sigma is not None:  # the next step's feature, on the device it was made on
+            if kept is None:
+                kept = torch.tensor(sigma, dtype=torch.float32)
+            self._prev_sigma = kept
         if self.records is not None:
             self.records.append(record)
         self._apply(record)
