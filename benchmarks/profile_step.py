@@ -41,12 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
 
+    from _bench import bench_method
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    from l2l.blocks import ParamBlocks
-    from l2l.methods.factory import make_method
-    from l2l.tuner import Tuner
     from llm.shapes import shape_config
 
     torch.set_num_threads(1)
@@ -60,15 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    method, _, tuner = args.method.partition("+")
-    extra = {}
-    if tuner:
-        if tuner != "tuner":
-            p.error(f"--method: a method or <method>+tuner, not {args.method}")
-        extra["block_scale"] = Tuner.for_blocks(ParamBlocks.from_module(model), "bench").to(
-            args.device
-        )
-    opt = make_method(method, model, lr=1e-7, eps=1e-3, **extra)
+    try:
+        opt = bench_method(args.method, model)
+    except ValueError as e:
+        p.error(f"--method: {e}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         opt.step(closure)

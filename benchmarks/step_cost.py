@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from _bench import bench_method
 
 # the real shapes (llm.shapes) and a tiny Llama for quick checks
 TINY = dict(
@@ -49,27 +50,6 @@ def build(name: str, dtype: torch.dtype, device: str):
     with torch.device(device):  # built where it runs, in its dtype (OPT-13B: no 52 GB detour)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
-
-
-def make_optimizer(method: str, model, tuner: bool):
-    """``method`` may end in ``+tuner`` to attach a freshly initialised learned tuner."""
-    if method.endswith("+tuner"):
-        method, tuner = method.removesuffix("+tuner"), True
-    from l2l import LOZO, ZOSGD, HiZOO
-
-    kw = {"lr": 1e-7, "eps": 1e-3}
-    if tuner:
-        from l2l.blocks import ParamBlocks
-        from l2l.tuner import Tuner
-
-        tuner_net = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="bench")
-        kw["block_scale"] = tuner_net.to(next(model.parameters()).device)  # as finetune places it
-    return {
-        "mezo": lambda: ZOSGD(model, **kw),
-        "hizoo": lambda: HiZOO(model, **kw),
-        "lozo": lambda: LOZO(model, rank=2, nu=50, **kw),
-        "lozo-m": lambda: LOZO(model, rank=2, nu=50, momentum=0.9, **kw),
-    }[method]()
 
 
 def peak_memory(device: str) -> int:
@@ -142,7 +122,8 @@ def measure(args) -> dict:
         blocks = ParamBlocks.from_module(model)
         run, forwards = (lambda: mezo_reference_step(blocks, closure, 1, 1e-7, 1e-3)), 2
     else:
-        opt = make_optimizer(args.what, model, args.tuner)
+        what = args.what if args.what.endswith("+tuner") or not args.tuner else f"{args.what}+tuner"
+        opt = bench_method(what, model)
         run, forwards = (lambda: opt.step(closure)), opt.forwards_per_step
     times, fwd_times = [], []
     drawn[0] = 0

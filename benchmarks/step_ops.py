@@ -36,6 +36,7 @@ import sys
 from collections import Counter
 
 import torch
+from _bench import bench_method
 
 METHODS = ("mezo", "mezo+tuner", "hizoo", "hizoo+tuner", "lozo", "lozo+tuner", "lozo-m")
 RATIO_BUDGET, SYNC_BUDGET = 1.5, 2
@@ -140,19 +141,6 @@ def build(args):
     return model.eval()
 
 
-def make_optimizer(method: str, model):
-    from l2l.blocks import ParamBlocks
-    from l2l.methods.factory import make_method
-    from l2l.tuner import Tuner
-
-    name, _, tuner = method.partition("+")
-    common = {}
-    if tuner:
-        tuner_net = Tuner.for_blocks(ParamBlocks.from_module(model), base_model="bench")
-        common["block_scale"] = tuner_net.to(next(model.parameters()).device)
-    return make_method(name, model, lr=1e-7, eps=1e-3, record=True, **common)
-
-
 def measure(args) -> list[dict]:
     model = build(args)
     vocab = model.config.vocab_size
@@ -167,7 +155,7 @@ def measure(args) -> list[dict]:
         fwd_ops, fwd_syncs = split(profile(closure))
     rows = []
     for method in args.methods:
-        opt = make_optimizer(method, model)
+        opt = bench_method(method, model, record=True)
         for _ in range(args.warmup):
             opt.step(closure)
         counts = profile(lambda: opt.step(closure))  # noqa: B023
