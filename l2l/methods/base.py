@@ -76,25 +76,30 @@ class StepContext:
 
 
 def _loss_scalar(loss: Any) -> torch.Tensor | float:
-    """A closure's loss as a 0-d float64 tensor left on its device (the mean of the float32
-    value; no host synchronisation), or a Python float."""
+    """A closure's loss as a 0-d tensor left on its device (no host synchronisation and, for
+    the usual 0-d loss, no kernel; a larger loss tensor is reduced to its float32 mean), or a
+    Python float."""
     if isinstance(loss, torch.Tensor):
-        return loss.detach().float().mean().double()
+        loss = loss.detach()
+        return loss.float().mean() if loss.ndim else loss
     return float(loss)
 
 
 def _host_losses(values: list[torch.Tensor | float]) -> list[float]:
-    """The step's losses as Python floats: one device-to-host transfer for all of them."""
+    """The step's losses as Python floats: one stack (in the losses' promoted dtype, which holds
+    each exactly) and one device-to-host transfer for all of them."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors:
         return [float(v) for v in values]
     device = tensors[0].device
     stacked = torch.stack(
         [
-            v.to(device) if isinstance(v, torch.Tensor) else torch.tensor(v, device=device)
+            v.to(device)
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(v, dtype=torch.float64, device=device)
             for v in values
         ]
-    ).double()
+    )
     return stacked.tolist()
 
 
@@ -370,10 +375,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.records is not None:
             self.records.append(record)
         self._apply(record)
-        return self._report_loss(losses)
+        return self._report_loss(values)
 
-    def _report_loss(self, losses: torch.Tensor) -> torch.Tensor:
-        return (losses[-2] + losses[-1]).float() / 2
+    def _report_loss(self, losses: list[float]) -> torch.Tensor:
+        """The step's reported loss, a float32 host tensor made from the host values (no op on
+        the device): the mean of the two perturbed losses."""
+        return torch.tensor((losses[-2] + losses[-1]) / 2, dtype=torch.float32)
 
     def _make_record(self, ctx: StepContext, losses: list[float]) -> StepRecord:
         lp, lm = losses[-2], losses[-1]

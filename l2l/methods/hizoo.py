@@ -113,7 +113,7 @@ class HiZOO(ZOOptimizer):
         return [l0, *super()._losses(ctx, closure)]
 
     def _report_loss(self, losses):
-        return losses[0].float()
+        return torch.tensor(losses[0], dtype=torch.float32)
 
     def _make_record(self, ctx, losses):
         record = super()._make_record(ctx, losses)
