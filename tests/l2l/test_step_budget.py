@@ -265,6 +265,29 @@ def test_every_method_steps_within_the_op_budget(dtype, step_ops, accelerator_po
                 assert counts["l2l::lowrank"] == fused, counts
 
 
+@pytest.mark.parametrize("name", ["mezo", "hizoo"])
+def test_the_step_losses_cost_one_op(name, step_ops, accelerator_policy):
+    """The losses of a step's k forwards reach the host as one stack and one transfer: a 0-d
+    loss is not reduced or converted on the device, and the reported loss is made on the host
+    from the transferred floats (no op on a tensor). What a step adds to its k forwards' means,
+    divisions and dtype conversions is then nothing."""
+    model = tiny_lm("llama")
+    model.model.layers = model.model.layers[:1]
+    closure = lm_closure(model, batch=1, length=8)
+    cls, kw = METHODS[name]
+    with torch.no_grad():
+        closure()
+        forward = step_ops.profile(closure)
+        opt = cls(model, lr=1e-7, eps=1e-3, **kw)
+        opt.step(closure)
+        counts = step_ops.profile(lambda: opt.step(closure))
+    k = opt.forwards_per_step
+    for op in ("aten::stack", "aten::mean", "aten::div", "aten::_to_copy"):
+        assert counts[op] - k * forward[op] == (op == "aten::stack"), (op, counts, forward)
+    loss = opt.step(closure)
+    assert loss.dtype == torch.float32 and loss.device.type == "cpu" and loss.ndim == 0
+
+
 def test_a_gpu_copies_small_weights_and_factors_wide_ones():
     """The factored-or-copy choice of a LOZO linear layer: on memory alone (the CPU) a few tokens
     through a square 576-wide layer go factored; counting a launch (a GPU) they take the copy,
