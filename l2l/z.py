@@ -34,6 +34,7 @@ them); blocks, shards, the perturber and the methods import it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -82,9 +83,39 @@ def accelerated(device: torch.device | str | None) -> bool:
     return kind != "cpu" or kind in ACCELERATOR_POLICY
 
 
+_CPU_CUT = [0]  # > 0 inside cpu_cut(): every device cut as the CPU is
+
+
 def chunk_elements(device: torch.device | str | None = None) -> int:
     """Elements of one direction chunk on ``device`` (None: the CPU's)."""
-    return ACCELERATOR_CHUNK_ELEMENTS if accelerated(device) else CHUNK_ELEMENTS
+    if accelerated(device) and not _CPU_CUT[0]:
+        return ACCELERATOR_CHUNK_ELEMENTS
+    return CHUNK_ELEMENTS
+
+
+@contextlib.contextmanager
+def cpu_cut():
+    """Within it, blocks on every device are cut into the CPU's chunks (:data:`CHUNK_ELEMENTS`).
+
+    For the torch-op reference of a fused kernel on an accelerator that has no kernels: over a
+    whole weight its elementwise temporaries are each the weight's size, where the kernel has
+    none. The values do not change: z, the rounding bits and every position are those of the
+    elements, not of the cut."""
+    _CPU_CUT[0] += 1
+    try:
+        yield
+    finally:
+        _CPU_CUT[0] -= 1
+
+
+def reference_only(device: torch.device) -> bool:
+    """Whether ``device`` takes the accelerator's whole-weight cut without its fused kernels (a
+    GPU without Triton, another accelerator); not the CPU, nor a device of
+    :data:`ACCELERATOR_POLICY`, where the reference ops stand in for the kernels that they
+    count."""
+    return (
+        device.type != "cpu" and device.type not in ACCELERATOR_POLICY and _kernels(device) is None
+    )
 
 
 #: Device types whose draws run as one Triton kernel each (:mod:`l2l.z_triton`) when Triton
@@ -497,12 +528,28 @@ def _add(x, h, root, step_seed: int, block: int, start: int, alpha: float, out):
             )
             if done is not None:
                 return done
-        z = gaussian(step_seed, block, start, x.shape, x.device, transient=True)
-        if h is not None:
-            z = z.div_(root(h))
-        if x.dtype in (torch.float32, torch.float64):
-            return torch.add(x, z, alpha=alpha, out=out)
-        return out.copy_(z.mul_(alpha).add_(x.float()))
+        n = x.numel()
+        whole = n <= CHUNK_ELEMENTS or not (x.is_contiguous() and out.is_contiguous())
+        if whole or (h is not None and not h.is_contiguous()):
+            return _add_reference(x, h, root, step_seed, block, start, alpha, out)
+        # a whole weight of an accelerator without kernels: the reference in the CPU's chunks
+        # (its temporaries a chunk's size, not the weight's; the elements' values the same)
+        xs, outs, hs = x.view(-1), out.view(-1), None if h is None else h.view(-1)
+        for i in range(0, n, CHUNK_ELEMENTS):
+            j = min(i + CHUNK_ELEMENTS, n)
+            part = None if hs is None else hs[i:j]
+            _add_reference(xs[i:j], part, root, step_seed, block, start + i, alpha, outs[i:j])
+        return out
+
+
+def _add_reference(x, h, root, step_seed: int, block: int, start: int, alpha: float, out):
+    """The torch ops of the draw-and-add kernels (:func:`add_z`, :func:`add_scaled_z`)."""
+    z = gaussian(step_seed, block, start, x.shape, x.device, transient=True)
+    if h is not None:
+        z = z.div_(root(h))
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.add(x, z, alpha=alpha, out=out)
+    return out.copy_(z.mul_(alpha).add_(x.float()))
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

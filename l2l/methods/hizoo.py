@@ -31,8 +31,10 @@ from l2l.z import (
     _kernels,
     chunk_start,
     chunk_view,
+    cpu_cut,
     gaussian_at,
     param_chunk_z,
+    reference_only,
     row_chunks,
     run_kernel,
     z_key,
@@ -150,16 +152,19 @@ class HiZOO(ZOOptimizer):
         alpha = self.group["hessian_smooth"]
         for b, p in enumerate(self.blocks.params):
             coeff, decay = record.lr * record.grad * scales[b], self._decay(record, b)
-            for c in range(len(row_chunks(p.shape, p.device))):
-                fused = self._fused_args(record, b, c, coeff, decay, scales[b]) if own else None
-                if fused is not None and self._run_fused(fused):
-                    continue
-                # where there are kernels this chunk is one: its reference ops profiled as one
-                with torch.profiler.record_function("l2l::hizoo") if fused else nullcontext():
-                    if coeff or decay:
-                        self._update_chunk(record, b, c, direction, coeff, decay)
-                    if alpha:
-                        self._refresh_chunk(record, b, c, scales[b])
+            # no kernels to fuse into: the reference ops in the CPU's chunks, not over whole
+            # weights (a dozen temporaries of the weight's size)
+            with cpu_cut() if reference_only(p.device) else nullcontext():
+                for c in range(len(row_chunks(p.shape, p.device))):
+                    fused = self._fused_args(record, b, c, coeff, decay, scales[b]) if own else None
+                    if fused is not None and self._run_fused(fused):
+                        continue
+                    # where there are kernels this chunk is one: its reference ops profiled as one
+                    with torch.profiler.record_function("l2l::hizoo") if fused else nullcontext():
+                        if coeff or decay:
+                            self._update_chunk(record, b, c, direction, coeff, decay)
+                        if alpha:
+                            self._refresh_chunk(record, b, c, scales[b])
 
     def _fused_args(self, record, b: int, c: int, coeff: float, decay: float, scale: float):
         """The arguments of chunk ``c`` of block ``b``'s fused kernel (``hizoo_update``), or

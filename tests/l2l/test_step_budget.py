@@ -338,3 +338,43 @@ def test_lozo_bfloat16_update_is_its_float32_value_rounded(accelerator_policy):
     for bad_a, bad_b in ((a[:-1], b), (a, b[:, :2]), (a[:, 0], b)):
         with pytest.raises(ValueError, match="lowrank_update_"):
             lowrank_update_(w0.clone(), bad_a, bad_b, alpha, factor, 1)
+
+
+@pytest.mark.parametrize("name", ["mezo", "hizoo"])
+def test_an_accelerator_without_kernels_keeps_its_temporaries_chunk_sized(name, monkeypatch):
+    """On an accelerator without the fused kernels (a GPU without Triton), a whole weight is
+    still perturbed into one copy for one GEMM, but the kernels' reference ops (the perturbed
+    copy's draw, HiZOO's update and curvature refresh) run in the CPU's chunks: a step
+    allocates about one weight-sized buffer per forward (the copies), not a dozen per weight,
+    and computes the CPU's bits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import l2l.methods.hizoo as hizoo_module
+
+    monkeypatch.setattr(zdef, "CHUNK_ELEMENTS", 4096)
+    cls, kw = METHODS[name]
+    results = {}
+    for policy in ("cpu", "reference-only accelerator"):
+        accelerator = policy != "cpu"
+        monkeypatch.setattr(zdef, "ACCELERATOR_POLICY", {"cpu"} if accelerator else set())
+        monkeypatch.setattr(hizoo_module, "reference_only", lambda device, a=accelerator: a)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8))  # 64k-element weight
+        x = torch.randn(4, 256)
+        opt = cls(model, lr=1e-3, eps=1e-3, **kw)
+        with torch.no_grad():
+            opt.step(lambda: model(x).pow(2).mean())  # noqa: B023
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                opt.step(lambda: model(x).pow(2).mean())  # noqa: B023
+        weight_bytes = model[0].weight.numel() * 4
+        big = sum(ev.self_cpu_memory_usage >= weight_bytes for ev in prof.events())
+        results[policy] = big, snapshot(model), opt
+    big, after, opt = results["reference-only accelerator"]
+    assert big <= opt.forwards_per_step + 1, big
+    assert same_bits(after, results["cpu"][1])
+    if name == "hizoo":
+        hessians = [
+            {str(i): o.state[p]["hessian"] for i, p in enumerate(o.blocks.params)}
+            for o in (opt, results["cpu"][2])
+        ]
+        assert same_bits(*hessians)
