@@ -55,6 +55,33 @@ def _z(blocks: ParamBlocks, seed: int, b: int, c: int) -> torch.Tensor:
     return param_chunk_z(seed, b, c, blocks.params[b])
 
 
+class Directions:
+    """Chunk ``c`` of block ``b``'s z for one meta-step's ``seed`` (called as ``z(b, c)``).
+
+    A meta-step uses every chunk five times: the two perturbed forwards, the look-ahead shift,
+    <dL/dtheta1, z> and the undo. With ``keep`` each chunk is drawn once and kept until the step
+    ends (one float32 copy of the model's size), which saves four draws of the whole model; on
+    a CPU a draw costs more than the forwards. The values are the same either way."""
+
+    def __init__(self, blocks: ParamBlocks, seed: int, keep: bool) -> None:
+        self.blocks, self.seed = blocks, seed
+        self.kept: dict[tuple[int, int], torch.Tensor] | None = {} if keep else None
+
+    def __call__(self, b: int, c: int) -> torch.Tensor:
+        if self.kept is None:
+            return _z(self.blocks, self.seed, b, c)
+        z = self.kept.get((b, c))
+        if z is None:
+            z = self.kept[b, c] = _z(self.blocks, self.seed, b, c)
+        return z
+
+
+def keeps_z(blocks: ParamBlocks) -> bool:
+    """The default of ``meta_step(keep_z=None)``: keep z when every block is on the CPU (whose
+    draws are many ops per element; a CUDA draw is one kernel, and memory is scarcer there)."""
+    return all(p.device.type == "cpu" for p in blocks.params)
+
+
 #: bit patterns compared as integers (NaN == NaN, -0 != +0)
 _BITS = {
     torch.float16: torch.int16,
@@ -89,9 +116,10 @@ def _moved(
     return out
 
 
-def _chunks(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor):
+def _chunks(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor, z: Directions | None = None):
     """(b, c, view of chunk c's rows held here, their z, coeff_b, rounding key, the rows'
-    first position in block b) for every chunk."""
+    first position in block b) for every chunk (z from ``z``, else drawn from ``seed``)."""
+    z = z or Directions(blocks, seed, keep=False)
     for b, p in enumerate(blocks.params):
         per_row = max(1, int(torch.Size(p.shape[1:]).numel()))
         key = rounding_key(seed, b, SALT_SHIFT)
@@ -99,12 +127,16 @@ def _chunks(blocks: ParamBlocks, seed: int, coeffs: torch.Tensor):
             start = chunk_start(p.shape, c, p.device) + (
                 0 if rows is Ellipsis else rows.start * per_row
             )
-            yield b, c, view, _z(blocks, seed, b, c)[rows], float(coeffs[b]), key, start
+            yield b, c, view, z(b, c)[rows], float(coeffs[b]), key, start
 
 
 @torch.no_grad()
 def _shift(
-    blocks: ParamBlocks, seed: int, coeffs: torch.Tensor, rounding: str = "stochastic"
+    blocks: ParamBlocks,
+    seed: int,
+    coeffs: torch.Tensor,
+    rounding: str = "stochastic",
+    z: Directions | None = None,
 ) -> Saved:
     """theta_b <- round(theta_b + coeffs[b] z_b) in place (a sharded block: the rows held here).
 
@@ -115,9 +147,9 @@ def _shift(
     Memory: one chunk's temporaries, plus those (at most one chunk's worth per chunk).
     """
     saved: Saved = {}
-    for b, c, view, z, coeff, key, start in _chunks(blocks, seed, coeffs):
-        shifted = _moved(view, z, coeff, key, start, rounding, back=False)
-        undone = _moved(shifted, z, coeff, key, start, rounding, back=True)
+    for b, c, view, zc, coeff, key, start in _chunks(blocks, seed, coeffs, z):
+        shifted = _moved(view, zc, coeff, key, start, rounding, back=False)
+        undone = _moved(shifted, zc, coeff, key, start, rounding, back=True)
         bits = _BITS[view.dtype]
         miss = (undone.view(bits) != view.view(bits)).reshape(-1).nonzero().squeeze(1)
         if 3 * miss.numel() > view.numel():  # a shift of many ulps: the whole chunk is smaller
@@ -130,23 +162,29 @@ def _shift(
 
 @torch.no_grad()
 def _unshift(
-    blocks: ParamBlocks, seed: int, coeffs: torch.Tensor, saved: Saved, rounding: str = "stochastic"
+    blocks: ParamBlocks,
+    seed: int,
+    coeffs: torch.Tensor,
+    saved: Saved,
+    rounding: str = "stochastic",
+    z: Directions | None = None,
 ) -> None:
     """Undo ``_shift(blocks, seed, coeffs, rounding)`` (which returned ``saved``) exactly."""
-    for b, c, view, z, coeff, key, start in _chunks(blocks, seed, coeffs):
+    for b, c, view, zc, coeff, key, start in _chunks(blocks, seed, coeffs, z):
         miss, theta0 = saved.get((b, c), (None, None))
         if theta0 is not None and miss is None:  # all of these rows were kept
             view.copy_(theta0)
             continue
-        undone = _moved(view, z, coeff, key, start, rounding, back=True)
+        undone = _moved(view, zc, coeff, key, start, rounding, back=True)
         if theta0 is not None:
             undone.view(-1)[miss] = theta0
         view.copy_(undone)
 
 
 @torch.no_grad()
-def _grad_dot_z(blocks: ParamBlocks, seed: int) -> torch.Tensor:
+def _grad_dot_z(blocks: ParamBlocks, seed: int, z: Directions | None = None) -> torch.Tensor:
     """(B,) float64 <dL/dtheta_b, z_b>; sharded blocks sum their rows' parts over the ranks."""
+    z = z or Directions(blocks, seed, keep=False)
     sums: dict[int, torch.Tensor] = {}  # block -> float64 sum on the block's device (no sync)
     sharded = torch.zeros(len(blocks), dtype=torch.bool)
     for b, p in enumerate(blocks.params):
@@ -154,7 +192,7 @@ def _grad_dot_z(blocks: ParamBlocks, seed: int) -> torch.Tensor:
             continue
         sharded[b] = is_sharded(p.grad)
         for c, grad, rows in local_chunks(p.grad):
-            part = (grad.float() * _z(blocks, seed, b, c)[rows]).sum(dtype=torch.float64)
+            part = (grad.float() * z(b, c)[rows]).sum(dtype=torch.float64)
             sums[b] = part if b not in sums else sums[b] + part
     dots = torch.zeros(len(blocks), dtype=torch.float64)
     if sums:  # one transfer to the host for all blocks
@@ -181,6 +219,7 @@ def meta_step(
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rounding: str = "stochastic",
+    keep_z: bool | None = None,
 ) -> MetaStepOutput:
     """Run one meta-step; leaves tuner grads in ``tuner`` and dL/dtheta1 in ``p.grad``.
 
@@ -189,6 +228,8 @@ def meta_step(
     in expectation; ``"nearest"`` loses most of it), with bits from ``seed``. ``backward`` lets
     a trainer (Lightning's ``manual_backward``) own the backward passes; ``loss_reduce`` (e.g. an
     all-reduce mean across data-parallel ranks) is applied to the stacked (L+, L-) before use.
+    ``keep_z`` draws each chunk of z once per step and keeps it (:class:`Directions`; none:
+    :func:`keeps_z`); the result is the same.
     """
     check_rounding(rounding)
     numels = blocks.numels
@@ -201,10 +242,7 @@ def meta_step(
     scales = sigma64 * nf  # (B,) float64
 
     perturber = Perturber(blocks, model)
-
-    def direction(b: int, c: int) -> torch.Tensor:
-        return _z(blocks, seed, b, c)
-
+    direction = Directions(blocks, seed, keeps_z(blocks) if keep_z is None else keep_z)
     with torch.no_grad():
         with perturber((eps * scales).tolist(), direction):
             lp = loss_fn().detach()
@@ -217,16 +255,17 @@ def meta_step(
     g = (lp - lm) / (2 * eps)
 
     coeffs = -lr_update * g * scales  # theta1 = theta0 + coeffs_b z_b
-    saved = _shift(blocks, seed, coeffs, rounding)
+    saved = _shift(blocks, seed, coeffs, rounding, direction)
     try:
         for p in blocks.params:
             p.grad = None
         meta_loss = loss_fn()
         backward(meta_loss)
         # dL/dsigma_b = -lr_update g nf <grad_b, z_b>
-        dsigma = _grad_dot_z(blocks, seed) * (-lr_update * g * float(nf))
+        dsigma = _grad_dot_z(blocks, seed, direction) * (-lr_update * g * float(nf))
     finally:
-        _unshift(blocks, seed, coeffs, saved, rounding)
+        _unshift(blocks, seed, coeffs, saved, rounding, direction)
+        direction.kept = None  # the kept z (a model's size) goes now, not with the closure
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()
     backward(surrogate)
     return MetaStepOutput(meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf))

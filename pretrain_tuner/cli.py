@@ -149,6 +149,7 @@ def _build(config: PretrainConfig):
         normalize=config.normalize,
         grad_clip=config.grad_clip,
         seed=config.seed,
+        keep_z=config.keep_z,
     )
     data = MetaDataModule(
         config.tasks,

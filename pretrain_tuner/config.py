@@ -120,6 +120,10 @@ class Hardware:
     32-true on the CPU"""
     dtype: str = "float32"
     """dtype the base model is loaded in"""
+    keep_z: bool | None = None
+    """keep each meta-step's direction z in memory (one float32 copy of the model) instead of
+    drawing it five times; the result is the same. Default: keep it when the model is on the
+    CPU, where a draw costs more than a forward"""
     checkpoint_every: int = 50
     """write checkpoints/last.ckpt every N meta-steps (and at the end)"""
     log_every: int = 1
@@ -241,7 +245,7 @@ def check(config: PretrainConfig) -> None:
 #: Settings a resumed run may change: they do not change the meta-training's result.
 RESUMABLE = frozenset(
     {"steps", "max_epochs", "resume", "overwrite", "output", "name", "push_to_hub"}
-    | {"checkpoint_every", "log_every", "progress"}
+    | {"checkpoint_every", "log_every", "progress", "keep_z"}
 )
 
 

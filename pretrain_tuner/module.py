@@ -52,6 +52,7 @@ class MetaTunerModule(L.LightningModule):
         normalize: bool = True,
         grad_clip: float = 1.0,
         seed: int = 0,
+        keep_z: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in dict(eps=eps, lr_tuner=lr_tuner, lr_update=lr_update).items():
@@ -134,6 +135,7 @@ class MetaTunerModule(L.LightningModule):
             normalize=hp.normalize,
             backward=self.manual_backward,
             loss_reduce=self._reduce,
+            keep_z=hp.keep_z,
         )
         if hp.grad_clip:  # the tuner's gradient only (the model group is not clipped)
             torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), hp.grad_clip)

@@ -103,3 +103,45 @@ def test_reset_model_restores_theta0_clears_momentum_and_tuner_state():
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     assert first not in opt.state
     assert module.meta_state == MetaState()
+
+
+def test_a_kept_z_gives_the_drawn_z_s_meta_step_with_one_draw_per_chunk(monkeypatch):
+    """``keep_z`` draws each chunk of z once per meta-step instead of five times (two forwards,
+    the shift, <grad, z>, the undo), and changes nothing: the same losses, tuner gradient,
+    dL/dtheta1 and theta0 afterwards, bit for bit."""
+    import l2l.meta as meta
+    from l2l.tuner import Tuner
+    from llm.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    blocks = ParamBlocks.from_module(model)
+    for p in blocks.params:
+        p.requires_grad_(True)
+    ids = tok(["a tiny example sentence", "another one here"], return_tensors="pt", padding=True)
+
+    def loss_fn():
+        return model(**ids, labels=ids.input_ids).loss
+
+    theta0 = [p.detach().clone() for p in blocks.params]
+    draws = []
+    drawn = meta._z
+    monkeypatch.setattr(meta, "_z", lambda *a: draws.append(a[2:]) or drawn(*a))
+    runs = {}
+    for keep in (False, True):
+        tuner = Tuner.for_blocks(blocks, "l2l/tiny-llama", seed=0)
+        draws.clear()
+        state = MetaState(loss_plus=2.0, loss_minus=2.1)
+        out = meta_step(model, blocks, tuner, loss_fn, state, seed=7, lr_update=1e-2, keep_z=keep)
+        grads = [p.grad.clone() for p in tuner.parameters()] + [p.grad for p in blocks.params]
+        runs[keep] = (out, grads, len(draws), len(set(draws)))
+        for p, t in zip(blocks.params, theta0, strict=True):
+            assert torch.equal(p.detach(), t)
+            p.grad = None
+    (out_d, grads_d, n_d, chunks), (out_k, grads_k, n_k, chunks_k) = runs[False], runs[True]
+    assert chunks == chunks_k == n_k > 0  # kept: every chunk drawn exactly once
+    assert n_d >= 4 * chunks  # drawn: at least the forwards', shift's, dot's and undo's draws
+    assert (out_d.loss_plus, out_d.loss_minus) == (out_k.loss_plus, out_k.loss_minus)
+    assert out_d.projected_grad != 0 and torch.equal(out_d.meta_loss, out_k.meta_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads_d, grads_k, strict=True))
+    assert any(bool(g.abs().sum() > 0) for g in grads_d[: len(list(tuner.parameters()))])
+    assert meta.keeps_z(blocks)  # the default on the CPU
