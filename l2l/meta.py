@@ -265,7 +265,7 @@ def meta_step(
         dsigma = _grad_dot_z(blocks, seed, direction) * (-lr_update * g * float(nf))
     finally:
         _unshift(blocks, seed, coeffs, saved, rounding, direction)
-        direction.kept = None  # the kept z (a model's size) goes now, not with the closure
+        direction.kept = None  # free the kept z (a model's size) before the tuner's backward
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()
     backward(surrogate)
     return MetaStepOutput(meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf))
