@@ -49,6 +49,16 @@ class MetaStepOutput:
     sigma: torch.Tensor  # (B,) raw tuner output, detached
     scales: torch.Tensor  # (B,) nf * sigma, detached
     nf: float = 1.0
+    anchor_loss: float = 0.0  # anchor x scale_anchor(sigma, anchor_to); 0 when off
+
+
+def scale_anchor(sigma: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``sum_b (d_b)^2`` with ``d = log sigma - log reference``, each centred on its mean over the
+    blocks: how far the profile of the block scales is from ``reference``'s, with their overall
+    size removed (as the normalisation ``nf`` removes it). Differentiable in ``sigma``."""
+    log_s = sigma.log()
+    log_r = reference.to(device=sigma.device, dtype=sigma.dtype).log()
+    return ((log_s - log_s.mean()) - (log_r - log_r.mean())).square().sum()
 
 
 def _z(blocks: ParamBlocks, seed: int, b: int, c: int) -> torch.Tensor:
@@ -220,6 +230,8 @@ def meta_step(
     loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rounding: str = "stochastic",
     keep_z: bool | None = None,
+    anchor: float = 0.0,
+    anchor_to: torch.Tensor | None = None,
 ) -> MetaStepOutput:
     """Run one meta-step; leaves tuner grads in ``tuner`` and dL/dtheta1 in ``p.grad``.
 
@@ -229,9 +241,14 @@ def meta_step(
     a trainer (Lightning's ``manual_backward``) own the backward passes; ``loss_reduce`` (e.g. an
     all-reduce mean across data-parallel ranks) is applied to the stacked (L+, L-) before use.
     ``keep_z`` draws each chunk of z once per step and keeps it (:class:`Directions`; none:
-    :func:`keeps_z`); the result is the same.
+    :func:`keeps_z`); the result is the same. ``anchor > 0`` adds
+    ``anchor * scale_anchor(sigma, anchor_to)`` to the tuner's objective (``anchor_to``: (B,)
+    positive reference scales, e.g. the tuner's initial ones): a pull that keeps the learned
+    profile near a known-good one while the one-step look-ahead reshapes it.
     """
     check_rounding(rounding)
+    if anchor and anchor_to is None:
+        raise ValueError("meta_step(anchor > 0) needs anchor_to, the (B,) reference scales")
     numels = blocks.numels
     sigma_prev = state.sigma if state.sigma is not None else torch.ones(len(blocks))
     features = block_features(blocks, (state.loss_plus, state.loss_minus), sigma_prev)
@@ -267,8 +284,15 @@ def meta_step(
         _unshift(blocks, seed, coeffs, saved, rounding, direction)
         direction.kept = None  # free the kept z (a model's size) before the tuner's backward
     surrogate = (sigma * dsigma.to(sigma.device, sigma.dtype)).sum()
+    anchor_loss = 0.0
+    if anchor:
+        pull = anchor * scale_anchor(sigma, anchor_to)
+        anchor_loss = float(pull.detach())
+        surrogate = surrogate + pull
     backward(surrogate)
-    return MetaStepOutput(meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf))
+    return MetaStepOutput(
+        meta_loss.detach(), lp, lm, g, sigma64.float(), scales.float(), float(nf), anchor_loss
+    )
 
 
 def advance_state(state: MetaState, out: MetaStepOutput) -> MetaState:

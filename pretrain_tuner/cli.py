@@ -129,6 +129,7 @@ def _build(config: PretrainConfig):
         feature_scaling=config.feature_scaling,
         seed=config.seed,
     )
+    initial = None  # the init's block scales: the reference of --anchor (None: all 1)
     if config.init == "weight-rms":
         import torch
 
@@ -136,7 +137,8 @@ def _build(config: PretrainConfig):
 
         blocks = ParamBlocks.from_module(model)
         mean, var = blocks.statistics()
-        tuner.start_at(weight_rms_scale(torch.stack([mean, var], dim=1)))
+        initial = weight_rms_scale(torch.stack([mean, var], dim=1))
+        tuner.start_at(initial)
     module = MetaTunerModule(
         model,
         tuner,
@@ -150,6 +152,8 @@ def _build(config: PretrainConfig):
         grad_clip=config.grad_clip,
         seed=config.seed,
         keep_z=config.keep_z,
+        anchor=config.anchor,
+        anchor_to=initial,
     )
     data = MetaDataModule(
         config.tasks,

@@ -93,6 +93,10 @@ class Recipe:
     init: Literal["constant", "weight-rms"] = "constant"
     """the tuner's block scales at the start: constant (sigma_b = 1: MeZO) or weight-rms (each
     block's weight RMS: the hand-made heuristic of finetune --tuner weight-rms)"""
+    anchor: float = 0.0
+    """pull the learned block scales towards the initial ones (--init): adds anchor x
+    sum_b d_b^2 to the tuner's objective, d = log sigma - log sigma_init, each centred over the
+    blocks (the overall size does not count). 0: off"""
     normalize: bool = True
     """normalise the block scales so that the perturbation keeps its overall size (nf)"""
     grad_clip: float = 1.0
@@ -183,7 +187,7 @@ def _check_numbers(c: PretrainConfig) -> None:
         value = getattr(c, name)
         if not (math.isfinite(value) and value > 0):
             raise _refuse(name, value, "must be a finite number > 0")
-    for name in ("lr_model", "grad_clip"):
+    for name in ("lr_model", "grad_clip", "anchor"):
         value = getattr(c, name)
         if not (math.isfinite(value) and value >= 0):
             raise _refuse(name, value, "must be a finite number >= 0 (0: off)")
@@ -251,7 +255,7 @@ RESUMABLE = frozenset(
 
 #: Settings added after run manifests were first written, with the value that a checkpoint
 #: written without them ran with: ``--resume`` of such a checkpoint at that value is no change.
-ADDED_SETTINGS = {"init": "constant"}
+ADDED_SETTINGS = {"init": "constant", "anchor": 0.0}
 
 
 def decisive_settings(config: PretrainConfig) -> dict:

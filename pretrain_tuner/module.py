@@ -53,18 +53,24 @@ class MetaTunerModule(L.LightningModule):
         grad_clip: float = 1.0,
         seed: int = 0,
         keep_z: bool | None = None,
+        anchor: float = 0.0,
+        anchor_to: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         for name, value in dict(eps=eps, lr_tuner=lr_tuner, lr_update=lr_update).items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        self.save_hyperparameters(ignore=["model", "tuner"])
+        if not anchor >= 0:
+            raise ValueError(f"anchor must be >= 0, got {anchor}")
+        self.save_hyperparameters(ignore=["model", "tuner", "anchor_to"])
         self.automatic_optimization = False
         self.model, self.tuner = model, tuner
         self.model.train(False)  # dropout off: the losses must be deterministic functions
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.blocks = ParamBlocks.from_module(self.model)
+        # the reference of --anchor (the tuner's initial scales); rebuilt, not checkpointed
+        self.anchor_to = anchor_to if anchor_to is not None else torch.ones(len(self.blocks))
         self._initial: list[torch.Tensor] | None = None  # theta_0, taken by configure_model
         self.meta_state = MetaState()
         self.replicas_match: bool | None = None  # set after data-parallel training
@@ -136,6 +142,8 @@ class MetaTunerModule(L.LightningModule):
             backward=self.manual_backward,
             loss_reduce=self._reduce,
             keep_z=hp.keep_z,
+            anchor=hp.anchor,
+            anchor_to=self.anchor_to,
         )
         if hp.grad_clip:  # the tuner's gradient only (the model group is not clipped)
             torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), hp.grad_clip)
@@ -150,6 +158,7 @@ class MetaTunerModule(L.LightningModule):
                 "sigma_mean": out.sigma.mean(),
                 "sigma_min": out.sigma.min(),
                 "sigma_max": out.sigma.max(),
+                "anchor_loss": out.anchor_loss,
             },
             on_step=True,
         )

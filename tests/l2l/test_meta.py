@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from l2l import ParamBlocks
-from l2l.meta import MetaState, meta_step
+from l2l.meta import MetaState, meta_step, scale_anchor
 from l2l.scales import block_features
 from l2l.z import gaussian_block
 
@@ -75,6 +76,55 @@ def test_meta_gradient_matches_finite_differences():
     assert analytic.abs().max() > 1e-6  # a real signal, not zeros on both sides
     torch.testing.assert_close(analytic, numeric, rtol=1e-3, atol=1e-8)
     assert abs(float(out.meta_loss) - meta_loss(w, b0)) < 1e-9
+
+
+def test_scale_anchor_measures_the_profile_of_the_scales_not_their_size():
+    ref = torch.tensor([0.02, 1.0, 0.5, 0.03], dtype=torch.float64)
+    assert float(scale_anchor(7.5 * ref, ref)) < 1e-24  # the overall size does not count
+    moved = ref * torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    d = torch.log(torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    expected = float((d - d.mean()).square().sum())
+    assert abs(float(scale_anchor(moved, ref)) - expected) < 1e-12
+    assert abs(float(scale_anchor(3 * moved, ref)) - expected) < 1e-12
+
+
+def test_the_anchor_adds_its_pull_to_the_tuner_gradient_and_nothing_else():
+    """``meta_step(anchor=a, anchor_to=r)``: the tuner's gradient is the meta-gradient plus the
+    gradient of ``a * scale_anchor(sigma, r)``; the model, the losses and the meta-loss are the
+    same as without it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    blocks = ParamBlocks.from_module(model)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    state = MetaState(loss_plus=1.0, loss_minus=1.2, sigma=torch.linspace(0.5, 1.5, len(blocks)))
+    ref = torch.tensor([0.3, 1.0, 0.05, 2.0])
+    grads, outs = [], []
+    for anchor in (0.0, 0.7):
+        tuner = LinearTuner()
+        out = meta_step(
+            model, blocks, tuner, loss_fn, state, seed=5, lr_update=0.3,
+            anchor=anchor, anchor_to=ref,
+        )  # fmt: skip
+        grads.append(torch.cat([tuner.w.grad, tuner.b0.grad.reshape(1)]))
+        outs.append(out)
+    tuner = LinearTuner()
+    pull = 0.7 * scale_anchor(tuner(block_features(blocks, (1.0, 1.2), state.sigma)), ref)
+    pull.backward()
+    expected = torch.cat([tuner.w.grad, tuner.b0.grad.reshape(1)])
+    assert expected.abs().max() > 1e-3  # the pull is felt
+    torch.testing.assert_close(grads[1] - grads[0], expected, rtol=1e-6, atol=1e-12)
+    assert abs(outs[1].anchor_loss - float(pull)) < 1e-9 and outs[0].anchor_loss == 0.0
+    assert float(outs[1].meta_loss) == float(outs[0].meta_loss)
+    assert (outs[1].loss_plus, outs[1].loss_minus) == (outs[0].loss_plus, outs[0].loss_minus)
+    with pytest.raises(ValueError, match="anchor_to"):
+        meta_step(model, blocks, LinearTuner(), loss_fn, state, seed=5, anchor=0.1)
 
 
 def test_reset_model_restores_theta0_clears_momentum_and_tuner_state():

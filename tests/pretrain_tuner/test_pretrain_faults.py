@@ -218,16 +218,18 @@ def test_resume_refuses_changed_settings_and_data(task_file, tmp_path, capsys):
 
 
 def test_resume_of_a_checkpoint_from_before_a_setting_existed(task_file, tmp_path, capsys):
-    """A checkpoint whose manifest predates ``--init`` resumes at the value it ran with
-    (constant), and refuses another."""
+    """A checkpoint whose manifest predates ``--init`` and ``--anchor`` resumes at the values it
+    ran with (constant, 0), and refuses others."""
     out = tmp_path / "out"
     assert main(args(task_file, out, steps=1)) == 0
     ckpt = out / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     manifest = next(v for v in saved.values() if isinstance(v, dict) and "settings" in v)
-    del manifest["settings"]["init"]
+    del manifest["settings"]["init"], manifest["settings"]["anchor"]
     torch.save(saved, ckpt)
     capsys.readouterr()
+    assert main(args(task_file, out, "--resume", "--anchor", "0.5", steps=2)) == 2
+    assert "--anchor is 0.5, the checkpoint's run used 0.0" in one_error_line(capsys)
     assert main(args(task_file, out, "--resume", "--init", "weight-rms", steps=2)) == 2
     assert "--init is 'weight-rms', the checkpoint's run used 'constant'" in one_error_line(capsys)
     assert main(args(task_file, out, "--resume", steps=2)) == 0
