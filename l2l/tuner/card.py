@@ -80,7 +80,7 @@ from l2l.tuner import Tuner
 
 tuner = Tuner.from_pretrained("<this repo or folder>")
 tuner.check_compatible(blocks)  # blocks = l2l.blocks.ParamBlocks.from_module(model)
-sigma = tuner(features)         # (B, 5) float32 features -> (B,) positive sigma_b
+sigma = tuner(features)  # (B, 5) float32 features -> (B,) positive sigma_b
 ```
 
 ## Training recipe
