@@ -29,6 +29,8 @@ is fixed; only train/dev depend on the seed).
 Each run writes one JSON (``runs/<name>.json``, skipped when present, so the script resumes;
 ``--seeds 0`` then ``--seeds 0,1`` ... reuses every finished run and summarises what is there);
 the summary is ``summary.md`` (table + the paper's headline statistics) and ``loss_curves.png``.
+``--dev-every-run`` scores every run on its dev split too (not only the selection runs), so that
+tuners or recipes can be compared on a dev task over all seeds without looking at its test split.
 The tuner is the one given by ``--tuner`` (default: the bundled ``smollm2-135m``), which was
 meta-trained on tasks that are not evaluated here.
 """
@@ -198,12 +200,18 @@ def reuse(path: Path, call: tuple) -> dict:
     results = json.loads(path.read_text())
     if call[0] is run_one and call[1].scale == "tuner":
         check_same_tuner(results, call[2], path)
-    if call[0] is run_one and len(call) > 4 and call[4] and "eval_dev" not in results:
-        raise SystemExit(
-            f"{path} has no dev accuracy (it ran under --lr without dev scoring), so it cannot "
-            "take part in the lr selection: summarise it with --lr, or delete it to rerun it as "
-            "a selection run."
-        )
+    if call[0] is run_one and "eval_dev" not in results:
+        if len(call) > 4 and call[4]:
+            raise SystemExit(
+                f"{path} has no dev accuracy (it ran under --lr without dev scoring), so it "
+                "cannot take part in the lr selection: summarise it with --lr, or delete it to "
+                "rerun it as a selection run."
+            )
+        if getattr(call[2], "dev_every_run", False):
+            raise SystemExit(
+                f"{path} has no dev accuracy (it ran without --dev-every-run): delete it to "
+                "rerun it with dev scoring, or leave out --dev-every-run."
+            )
     return results
 
 
@@ -212,7 +220,8 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
 
     ``select``: a learning-rate selection run, which is also scored on the dev split. A run with
     a selection run's shape (seed 0, the selection step count) is scored on dev even when it runs
-    under ``--lr``, so that a later protocol without ``--lr`` can select with it.
+    under ``--lr``, so that a later protocol without ``--lr`` can select with it; with
+    ``--dev-every-run`` every run is.
     """
     path = run_path(spec, args)
     if path.exists():
@@ -254,7 +263,11 @@ def run_one(spec: Spec, args, budget: dict, select: bool = False) -> dict:
     run = setup(parse(argv))
     run.results["eval_before"] = before
     results = run.fit(run.begin())
-    if select or (spec.seed == 0 and spec.steps == budget["select_steps"]):
+    if (
+        select
+        or getattr(args, "dev_every_run", False)
+        or (spec.seed == 0 and spec.steps == budget["select_steps"])
+    ):
         results["eval_dev"] = run.evaluate("dev")
     results["spec"] = spec.__dict__
     results["provenance"] = provenance()
@@ -472,6 +485,22 @@ def summarise(all_runs: dict, args, budget, wall: float, read_runs: list | None 
         "*vs MeZO*: mean over the seeds of the test-accuracy difference to plain MeZO (each at "
         "its own lr) on the same task and seed.",
     ]
+    dev_rows = [
+        f"| {task} | {label} | "
+        + " / ".join(f"{r['eval_dev']['accuracy']:.3f}" for r in runs)
+        + f" | {statistics.mean(r['eval_dev']['accuracy'] for r in runs):.3f} |"
+        for (task, label), runs in all_runs.items()
+        if all("eval_dev" in r for r in runs)
+    ]
+    if dev_rows:
+        lines += [
+            "",
+            f"Dev accuracy (seeds {seeds}; every seed scored on dev):",
+            "",
+            "| task | method | dev acc per seed | mean |",
+            "|---|---|---|---|",
+            *dev_rows,
+        ]
     if pairs:
         lines += [
             "",
@@ -578,6 +607,13 @@ def main(argv=None) -> None:
         dest="first_order",
         action="store_false",
         help="skip the AdamW context rows",
+    )
+    p.add_argument(
+        "--dev-every-run",
+        action="store_true",
+        help="score the dev split after every run, not only the selection runs (about a "
+        "minute per run on CPU); the summary then has a dev table over the seeds, for choosing "
+        "between tuners or recipes on a dev task without looking at its test split",
     )
     p.add_argument(
         "--summarise",

@@ -132,3 +132,47 @@ def test_a_run_without_dev_scores_cannot_select_an_lr(quality, tmp_path):
     assert quality.run_all([(path, quality.run_one, spec, args, {})], args, "test")
     with pytest.raises(SystemExit, match="run.json has no dev accuracy.*summarise it with --lr"):
         quality.run_all([(path, quality.run_one, spec, args, {}, True)], args, "test")
+
+
+def test_dev_every_run_scores_every_seed_and_refuses_runs_without_dev(
+    quality, tmp_path, monkeypatch
+):
+    """--dev-every-run: seeds past 0 are scored on dev too, a stored run without a dev score is
+    not silently mixed in, and the summary gets a dev table over the seeds."""
+    import finetune.cli
+
+    class FakeRun:
+        results: dict = {}
+
+        def begin(self):
+            return None
+
+        def fit(self, _):
+            return run([1.0, 0.9], 0.7)
+
+        def evaluate(self, split):
+            return {"accuracy": 0.8, "split": split}
+
+    monkeypatch.setattr(finetune.cli, "parse", lambda argv: argv)
+    monkeypatch.setattr(finetune.cli, "setup", lambda cfg: FakeRun())
+    monkeypatch.setattr(quality, "zero_shot", lambda *a, **k: {"accuracy": 0.5})
+    monkeypatch.setattr(quality, "provenance", dict)
+    budget = dict(batch=8, n_eval=10, n_test=10, select_steps=20)
+    spec = quality.Spec("nyt-editorials", "mezo", "none", 3e-5, 1, 20)  # seed 1: not a selection
+    plain = argparse.Namespace(
+        out=tmp_path / "plain", model="m", tuner="t", jobs=1, accelerator="cpu", progress=False
+    )
+    assert "eval_dev" not in quality.run_one(spec, plain, budget)
+    every = argparse.Namespace(**{**vars(plain), "dev_every_run": True})
+    with pytest.raises(SystemExit, match="no dev accuracy.*without --dev-every-run"):
+        quality.run_one(spec, every, budget)  # the stored run from above
+    every.out = tmp_path / "every"
+    assert quality.run_one(spec, every, budget)["eval_dev"] == {"accuracy": 0.8, "split": "dev"}
+
+    args = argparse.Namespace(budget="small", model="m", tuner="t", tasks=["a"], jobs=1)
+    seeds = dict(steps=10, seeds=[0, 1], batch=8)
+    scored = {("a", "mezo"): [run([1.0], 0.6, dev=0.70), run([1.0], 0.6, dev=0.75)]}
+    text = quality.summarise(scored, args, seeds, wall=1.0)
+    assert "| a | mezo | 0.700 / 0.750 | 0.725 |" in text
+    scored[("a", "mezo")][1].pop("eval_dev")  # one seed unscored: no dev row for the group
+    assert "Dev accuracy" not in quality.summarise(scored, args, seeds, wall=1.0)
