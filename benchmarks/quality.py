@@ -207,7 +207,7 @@ def reuse(path: Path, call: tuple) -> dict:
                 "cannot take part in the lr selection: summarise it with --lr, or delete it to "
                 "rerun it as a selection run."
             )
-        if getattr(call[2], "dev_every_run", False):
+        if getattr(call[2], "dev_every_run", False) and not getattr(call[2], "summarise", False):
             raise SystemExit(
                 f"{path} has no dev accuracy (it ran without --dev-every-run): delete it to "
                 "rerun it with dev scoring, or leave out --dev-every-run."
@@ -492,10 +492,17 @@ def summarise(all_runs: dict, args, budget, wall: float, read_runs: list | None 
         for (task, label), runs in all_runs.items()
         if all("eval_dev" in r for r in runs)
     ]
-    if dev_rows:
+    if dev_rows and getattr(args, "dev_every_run", False):
         lines += [
             "",
-            f"Dev accuracy (seeds {seeds}; every seed scored on dev):",
+            f"Dev accuracy (--dev-every-run; seeds {seeds}; n = {budget.get('n_eval', '?')} per "
+            "seed)"
+            + (
+                ":"
+                if getattr(args, "lr", None)
+                else f"; seed 0 of {args.tasks[0]} is its lr-selection run, whose dev accuracy "
+                "chose the lr, so that cell is the best of the grid:"
+            ),
             "",
             "| task | method | dev acc per seed | mean |",
             "|---|---|---|---|",

@@ -8,8 +8,8 @@ Cache root: ``$L2L_HOME`` if set, else ``~/.cache/l2l``. Layout::
 
 Every prepared folder is built in a temporary sibling and renamed into place, so a crash never
 leaves a half-written folder; a folder that exists is complete. Both ``ensure_*`` functions
-return at once when their output already exists. The first build holds a lock file beside its
-output (``<cache>/.<name>.lock``), so that runs started together on a fresh machine (``quality.py
+return at once when their output already exists. The first build holds a lock file in the cache
+root (``<cache>/.<name>.lock``), so that runs started together on a fresh machine (``quality.py
 --jobs 2``, several ranks) build once: the others wait, then find the output built.
 
 SmolLM2-135M-Instruct (Allal et al. 2025, Apache-2.0) comes from the PyPI package

@@ -169,10 +169,41 @@ def test_dev_every_run_scores_every_seed_and_refuses_runs_without_dev(
     every.out = tmp_path / "every"
     assert quality.run_one(spec, every, budget)["eval_dev"] == {"accuracy": 0.8, "split": "dev"}
 
-    args = argparse.Namespace(budget="small", model="m", tuner="t", tasks=["a"], jobs=1)
+    args = argparse.Namespace(budget="small", model="m", tuner="t", tasks=["a"], jobs=1, lr=1e-5)
     seeds = dict(steps=10, seeds=[0, 1], batch=8)
     scored = {("a", "mezo"): [run([1.0], 0.6, dev=0.70), run([1.0], 0.6, dev=0.75)]}
+    assert "Dev accuracy" not in quality.summarise(scored, args, seeds, wall=1.0)  # no flag
+    args.dev_every_run = True
     text = quality.summarise(scored, args, seeds, wall=1.0)
-    assert "| a | mezo | 0.700 / 0.750 | 0.725 |" in text
+    assert "| a | mezo | 0.700 / 0.750 | 0.725 |" in text and "lr-selection" not in text
+    args.lr = None  # the lr was selected on this task's dev split: the table says so
+    assert "seed 0 of a is its lr-selection run" in quality.summarise(scored, args, seeds, 1.0)
     scored[("a", "mezo")][1].pop("eval_dev")  # one seed unscored: no dev row for the group
     assert "Dev accuracy" not in quality.summarise(scored, args, seeds, wall=1.0)
+
+
+def test_summarise_with_dev_every_run_from_the_command_line(quality, tmp_path):
+    """--summarise --dev-every-run tabulates the stored runs' dev scores; a group with a run
+    that has none is left out of the dev table rather than failing the summary."""
+    out = tmp_path / "q"
+    argv = ["--out", str(out), "--tasks", "a", "--methods", "mezo,mezo+tuner", "--lr", "3e-5"]
+    argv += ["--seeds", "0,1", "--no-first-order", "--summarise", "--dev-every-run"]
+    args = argparse.Namespace(out=out, **dict(quality.BUDGETS["protocol"]))
+    budget = dict(quality.BUDGETS["protocol"])
+    zs = quality.zero_shot_path("a", args, budget)
+    zs.parent.mkdir(parents=True)
+    zs.write_text(json.dumps({"accuracy": 0.5}))
+    prov = dict(date="2026-12-07T10:00:00+00:00", machine="vm", torch="2.x", threads=1)
+    for scale, devs in (("none", [0.70, 0.80]), ("tuner", [0.75, None])):
+        for seed, dev in enumerate(devs):
+            spec = quality.Spec("a", "mezo", scale, 3e-5, seed, budget["steps"])
+            r = run([1.0] * 10, 0.6, lr=3e-5, dev=dev)
+            r["provenance"] = prov
+            r["tuner"] = {"weights_sha256": quality.tuner_digest("smollm2-135m")}
+            quality.run_path(spec, args).write_text(json.dumps(r))
+    quality.main(argv)
+    text = (out / "summary.md").read_text()
+    assert "| a | mezo | 0.700 / 0.800 | 0.750 |" in text and "| a | mezo+tuner | 0." not in text
+    assert "| a | mezo+tuner | 3e-05 |" in text  # its test row is there
+    quality.main([a for a in argv if a != "--dev-every-run"])
+    assert "Dev accuracy" not in (out / "summary.md").read_text()

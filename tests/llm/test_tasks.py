@@ -558,8 +558,9 @@ def test_sentiment_tasks(name):
     assert [e.prompt for e in again.train] != [e.prompt for e in task.train]
 
 
-def _ensure_data_in_child(home: str) -> None:
+def _ensure_data_in_child(home: str, together) -> None:
     os.environ["L2L_HOME"] = home
+    together.wait()  # both look for the data at the same moment
     assets.ensure_sentiment_data()
 
 
@@ -578,11 +579,16 @@ def test_runs_started_together_build_the_data_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(assets, "_build_sentiment", slow_build)
     ctx = multiprocessing.get_context("fork")  # the children inherit the patched builder
-    procs = [ctx.Process(target=_ensure_data_in_child, args=(str(tmp_path),)) for _ in range(2)]
+    together = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_ensure_data_in_child, args=(str(tmp_path), together)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(count.read_text().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(assets.SENTIMENT_FILES)
