@@ -485,14 +485,18 @@ def summarise(all_runs: dict, args, budget, wall: float, read_runs: list | None 
         "*vs MeZO*: mean over the seeds of the test-accuracy difference to plain MeZO (each at "
         "its own lr) on the same task and seed.",
     ]
-    dev_rows = [
-        f"| {task} | {label} | "
-        + " / ".join(f"{r['eval_dev']['accuracy']:.3f}" for r in runs)
-        + f" | {statistics.mean(r['eval_dev']['accuracy'] for r in runs):.3f} |"
-        for (task, label), runs in all_runs.items()
-        if all("eval_dev" in r for r in runs)
-    ]
-    if dev_rows and getattr(args, "dev_every_run", False):
+    dev_rows = (
+        [
+            f"| {task} | {label} | "
+            + " / ".join(f"{r['eval_dev']['accuracy']:.3f}" for r in runs)
+            + f" | {statistics.mean(r['eval_dev']['accuracy'] for r in runs):.3f} |"
+            for (task, label), runs in all_runs.items()
+            if all("eval_dev" in r for r in runs)
+        ]
+        if getattr(args, "dev_every_run", False)
+        else []
+    )
+    if dev_rows:
         lines += [
             "",
             f"Dev accuracy (--dev-every-run; seeds {seeds}; n = {budget.get('n_eval', '?')} per "
